@@ -1,0 +1,15 @@
+"""attnopt: JAX toolkit for the optimization problems that model attention."""
+from attnopt.operators import DiagPlusLowRank
+from attnopt.problems import (
+    Instance,
+    LinkRegression,
+    Problem,
+    RescaledRegression,
+    ResNetSoftmaxRegression,
+    SoftmaxRegression,
+    make,
+    stack,
+)
+from attnopt.verify import DerivativeReport, check_derivatives
+
+__version__ = "0.1.0"

@@ -1,0 +1,54 @@
+"""Argument checks run when a problem is built (outside jit).
+
+Checks on values (finiteness, signs) are skipped for traced arrays, so a
+problem can still be built inside a jitted function; shape checks always run.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def float_dtype(*values):
+    """The floating dtype the arrays promote to (integers go to the default float)."""
+    dtype = jnp.result_type(*values)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.result_type(float)
+    return dtype
+
+
+def as_array(name: str, value, dtype, shape: tuple) -> jax.Array:
+    """`value` as a `dtype` array of `shape` (None matches any size), finite.
+
+    Raises ValueError naming `name` and the expected shape otherwise.
+    """
+    arr = jnp.asarray(value, dtype=dtype)
+    if arr.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, arr.shape)):
+        expected = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(arr.shape)}")
+    if is_concrete(arr) and not bool(np.all(np.isfinite(np.asarray(arr)))):
+        raise ValueError(f"{name} contains non-finite entries (nan or inf)")
+    return arr
+
+
+def nonnegative(name: str, arr: jax.Array) -> jax.Array:
+    if is_concrete(arr) and bool(np.any(np.asarray(arr) < 0)):
+        raise ValueError(f"{name} must be nonnegative, got min {float(np.min(np.asarray(arr)))}")
+    return arr
+
+
+def weights(name: str, value, dtype, n: int) -> jax.Array:
+    """A nonnegative weight given as a scalar or an (n,) vector, returned as (n,)."""
+    arr = jnp.asarray(value, dtype=dtype)
+    if arr.ndim == 0:
+        arr = jnp.broadcast_to(arr, (n,))
+    return nonnegative(name, as_array(f"{name} (a scalar or a vector)", arr, dtype, (n,)))
+
+
+def scalar(name: str, value, dtype) -> jax.Array:
+    return nonnegative(name, as_array(name, value, dtype, ()))

@@ -1,0 +1,9 @@
+"""Problem families."""
+from attnopt.problems.base import Problem, stack
+from attnopt.problems.registry import Instance, make
+from attnopt.problems.regression import (
+    LinkRegression,
+    RescaledRegression,
+    ResNetSoftmaxRegression,
+    SoftmaxRegression,
+)

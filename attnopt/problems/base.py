@@ -1,0 +1,90 @@
+"""The problem base class: a frozen pytree of arrays plus pure methods.
+
+A problem's array fields are pytree leaves and its static fields (a link, a
+choice of formulation) are auxiliary data, so ``jax.jit`` and ``jax.vmap`` over
+a stack of instances need no special cases. ``__init__`` validates its
+arguments (shapes, dtypes, finiteness) and raises ``ValueError``; rebuilding a
+problem from leaves (inside jit or vmap) bypasses that check.
+
+Every problem has pure methods over params (an array or a pytree of arrays)::
+
+    loss(params) -> ()             the objective (with the factor 1/2)
+    grad(params) -> like params    hand-derived gradient
+    hvp(params, v) -> like params  hand-derived Hessian-vector product
+    hessian(params) -> (N, N)      hand-assembled Hessian, N = size of params,
+                                   in the order of ``jax.flatten_util.ravel_pytree``
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+class Problem:
+    """Base class; subclasses list their array fields in ``leaves`` and static fields in ``static``."""
+
+    leaves: ClassVar[tuple[str, ...]] = ()
+    static: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        jax.tree_util.register_pytree_with_keys(
+            cls, cls._flatten_with_keys, cls._unflatten, cls._flatten
+        )
+
+    def _set(self, **fields):
+        for k, v in fields.items():
+            object.__setattr__(self, k, v)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is frozen; use .replace({name}=...)")
+
+    def _flatten(self):
+        return tuple(getattr(self, k) for k in self.leaves), tuple(getattr(self, k) for k in self.static)
+
+    def _flatten_with_keys(self):
+        keyed = tuple((jax.tree_util.GetAttrKey(k), getattr(self, k)) for k in self.leaves)
+        return keyed, tuple(getattr(self, k) for k in self.static)
+
+    @classmethod
+    def _unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj._set(**dict(zip(cls.leaves, children)), **dict(zip(cls.static, aux)))
+        return obj
+
+    def replace(self, **changes) -> "Problem":
+        """A copy with some leaves replaced (no validation, like a pytree map)."""
+        children, aux = self._flatten()
+        fields = dict(zip(self.leaves, children))
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no array fields {sorted(unknown)}")
+        fields.update(changes)
+        return self._unflatten(aux, tuple(fields[k] for k in self.leaves))
+
+    def __repr__(self):
+        parts = [f"{k}={getattr(self, k)!r}" for k in self.static]
+        parts += [f"{k}={_describe(getattr(self, k))}" for k in self.leaves]
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    @property
+    def dtype(self):
+        return getattr(self, self.leaves[0]).dtype
+
+
+def _describe(x: Any) -> str:
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    return f"{dtype}{list(shape)}" if shape is not None else repr(x)
+
+
+def stack(problems: Sequence[Problem]) -> Problem:
+    """Stack instances of one problem type into one with a leading batch axis on every leaf."""
+    problems = list(problems)
+    if not problems:
+        raise ValueError("stack needs at least one problem")
+    structures = {jax.tree.structure(p) for p in problems}
+    if len(structures) != 1:
+        raise ValueError("stack needs problems of one type with the same static fields")
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *problems)

@@ -58,6 +58,21 @@ def _rel_error(ours, ref, rtol, atol) -> float:
     return float(np.max(np.abs(ours - ref), initial=0.0)) / scale
 
 
+@jax.jit
+def _hand_derived(problem, x, v):
+    """The problem's own grad, hvp (flattened) and hessian."""
+    return ravel_pytree(problem.grad(x))[0], ravel_pytree(problem.hvp(x, v))[0], problem.hessian(x)
+
+
+@jax.jit
+def _autodiff(problem, x, v):
+    """jax.grad, jvp-of-grad and jax.hessian of the loss over the flattened params."""
+    flat, unravel = ravel_pytree(x)
+    flat_grad = jax.grad(lambda y: problem.loss(unravel(y)))
+    hvp = jax.jvp(flat_grad, (flat,), (ravel_pytree(v)[0],))[1]
+    return flat_grad(flat), hvp, jax.jacfwd(flat_grad)(flat)
+
+
 def check_derivatives(problem, x, v=None, *, name=None, rtol=None, atol=None) -> DerivativeReport:
     """Compare ``problem.grad``, ``hvp`` and ``hessian`` at params x with autodiff.
 
@@ -73,16 +88,8 @@ def check_derivatives(problem, x, v=None, *, name=None, rtol=None, atol=None) ->
     atol = default_atol if atol is None else atol
     if v is None:
         v = unravel(jax.random.normal(jax.random.PRNGKey(0), flat.shape, dtype))
-    flat_loss = jax.jit(lambda y: problem.loss(unravel(y)))
-    ref_grad = jax.grad(flat_loss)(flat)
-    ref_hvp = jax.jvp(jax.grad(flat_loss), (flat,), (ravel_pytree(v)[0],))[1]
-    ref_hess = jax.hessian(flat_loss)(flat)
-    ours = {
-        "grad": ravel_pytree(problem.grad(x))[0],
-        "hvp": ravel_pytree(problem.hvp(x, v))[0],
-        "hessian": problem.hessian(x),
-    }
-    refs = {"grad": ref_grad, "hvp": ref_hvp, "hessian": ref_hess}
+    ours = dict(zip(QUANTITIES, _hand_derived(problem, x, v)))
+    refs = dict(zip(QUANTITIES, _autodiff(problem, x, v)))
     errors = {q: _rel_error(ours[q], refs[q], rtol, atol) for q in QUANTITIES}
     return DerivativeReport(
         name=name or type(problem).__name__, dtype=str(dtype), errors=errors, rtol=rtol, atol=atol

@@ -1,0 +1,92 @@
+"""check_derivatives must catch wrong formulas, not only bless right ones."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnopt
+from attnopt.operators import DiagPlusLowRank
+from attnopt.problems.links import SoftmaxLink
+
+
+@dataclasses.dataclass(frozen=True)
+class DroppedRank2(SoftmaxLink):
+    """Section 1's curvature without its rank-2 term."""
+
+    def curvature(self, z, b):
+        B = super().curvature(z, b)
+        return B._replace(M=jnp.zeros_like(B.M))
+
+
+@dataclasses.dataclass(frozen=True)
+class WrongSign(SoftmaxLink):
+    """Gradient with the sign of the s f term flipped."""
+
+    def grad(self, z, b):
+        f = jax.nn.softmax(z)
+        c = f - b
+        return f * c + (c @ f) * f
+
+
+@dataclasses.dataclass(frozen=True)
+class TransposedRank2(SoftmaxLink):
+    """A non-symmetric rank-2 term (p f^T twice instead of p f^T + f p^T)."""
+
+    def curvature(self, z, b):
+        B = super().curvature(z, b)
+        return DiagPlusLowRank(B.diag, B.U, B.M.at[0, 1].set(-2.0).at[1, 0].set(0.0))
+
+
+def planted(link):
+    A = jax.random.normal(jax.random.PRNGKey(0), (10, 4))
+    b = jax.random.uniform(jax.random.PRNGKey(1), (10,)) / 10
+    return attnopt.LinkRegression(A, b, 0.1, 0.1, link=link), jnp.linspace(-0.4, 0.4, 4)
+
+
+def test_correct_link_passes():
+    report = attnopt.check_derivatives(*planted(SoftmaxLink()))
+    assert report.ok
+    assert max(report.errors.values()) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "link,bad",
+    [(DroppedRank2(), {"hvp", "hessian"}), (WrongSign(), {"grad"}), (TransposedRank2(), {"hvp", "hessian"})],
+)
+def test_planted_wrong_formula_is_reported(link, bad):
+    report = attnopt.check_derivatives(*planted(link))
+    assert not report.ok
+    failing = {q for q, e in report.errors.items() if e > report.rtol}
+    assert failing == bad
+    assert "NO" in str(report)
+
+
+def test_tolerances_follow_dtype_and_can_be_overridden():
+    problem, x = planted(SoftmaxLink())
+    f32 = attnopt.check_derivatives(
+        jax.tree.map(lambda a: a.astype(jnp.float32), problem), x.astype(jnp.float32)
+    )
+    assert f32.dtype == "float32" and f32.rtol > attnopt.check_derivatives(problem, x).rtol
+    assert f32.ok
+    # A tolerance below float32 round-off must fail the same float32 check.
+    strict = attnopt.check_derivatives(
+        jax.tree.map(lambda a: a.astype(jnp.float32), problem), x.astype(jnp.float32), rtol=1e-14, atol=0.0
+    )
+    assert not strict.ok
+
+
+def test_report_table_names_every_quantity():
+    text = str(attnopt.check_derivatives(*planted(SoftmaxLink()), name="planted"))
+    for word in ("planted", "grad", "hvp", "hessian", "float64", "yes"):
+        assert word in text
+
+
+def test_explicit_direction_is_used():
+    problem, x = planted(DroppedRank2())
+    # With v = 0 both HVPs are exactly zero, so only the Hessian exposes the dropped term.
+    report = attnopt.check_derivatives(problem, x, v=jnp.zeros(4))
+    assert report.errors["hvp"] == 0.0
+    assert report.errors["hessian"] > report.rtol
+    np.testing.assert_array_equal(np.isfinite(list(report.errors.values())), True)

@@ -1,4 +1,5 @@
 """attnopt: JAX toolkit for the optimization problems that model attention."""
+from attnopt import solvers
 from attnopt.operators import DiagPlusLowRank
 from attnopt.problems import (
     Instance,
@@ -10,6 +11,7 @@ from attnopt.problems import (
     make,
     stack,
 )
+from attnopt.solvers import SolveResult, SolverState, Status, Trace, solve, solve_batch
 from attnopt.verify import DerivativeReport, check_derivatives
 
 __version__ = "0.1.0"

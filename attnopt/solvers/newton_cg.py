@@ -1,0 +1,102 @@
+"""Matrix-free truncated Newton (Newton-CG) with the problem's Hessian-vector product.
+
+Each step solves ``H p = -g`` approximately by conjugate gradients
+(Nocedal & Wright, Algorithm 7.1), one ``problem.hvp`` per CG iteration:
+
+- stop when ``||r|| <= eta ||g||`` with ``eta = min(1/2, sqrt(||g||))`` (superlinear near the optimum);
+- on negative or zero curvature ``d^T H d <= 0``, return the iterate so far,
+  or ``-g`` (steepest descent) if that happens at the first CG iteration;
+
+then an Armijo backtracking line search along p. Never forms the Hessian:
+O(k N) memory and k HVPs per step.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from attnopt.solvers.linesearch import armijo
+from attnopt.solvers.newton import _check_linesearch
+from attnopt.solvers.state import Solver, SolverState, advance, start
+
+
+class NewtonCGInner(NamedTuple):
+    """cg_steps: CG iterations (HVPs) of the last step."""
+
+    cg_steps: jax.Array
+
+
+def truncated_cg(hvp, g, max_iters: int):
+    """Approximate ``-H^{-1} g`` by CG from 0, stopped on the forcing term or negative curvature.
+
+    Args:
+      hvp: v (N,) -> H v (N,).
+      g: (N,) gradient; max_iters: CG iteration cap.
+    Returns:
+      (p, iterations); p is a descent direction (``<g, p> < 0`` for g != 0).
+    """
+    g_norm = jnp.linalg.norm(g)
+    tol = jnp.minimum(0.5, jnp.sqrt(g_norm)) * g_norm
+
+    def cond(carry):
+        j, _, r, _, done = carry
+        return (~done) & (j < max_iters) & (jnp.linalg.norm(r) > tol)
+
+    def body(carry):
+        j, z, r, d, _ = carry
+        Hd = hvp(d)
+        curvature = d @ Hd
+        negative = curvature <= 0
+        rr = r @ r
+        alpha = rr / jnp.where(negative, 1, curvature)
+        z_next, r_next = z + alpha * d, r + alpha * Hd
+        d_next = -r_next + (r_next @ r_next) / rr * d
+        # On negative curvature keep z (or fall back to -g at the first iteration) and stop.
+        z_stop = jnp.where(j == 0, -g, z)
+        return (
+            j + 1,
+            jnp.where(negative, z_stop, z_next),
+            jnp.where(negative, r, r_next),
+            jnp.where(negative, d, d_next),
+            negative,
+        )
+
+    zero = jnp.zeros_like(g)
+    j, p, _, _, _ = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), zero, g, -g, jnp.asarray(False)))
+    return p, j
+
+
+@functools.cache
+def newton_cg(
+    *, max_cg_steps: int | None = None, c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40
+) -> Solver:
+    """Truncated Newton with CG on ``problem.hvp`` and Armijo backtracking; for large N.
+
+    Args:
+      max_cg_steps: CG iterations per step (default: the number of parameters N).
+      c1, shrink, max_backtracks: the line search, as in :func:`attnopt.solvers.newton`.
+    """
+    _check_linesearch(c1, shrink, max_backtracks)
+    if max_cg_steps is not None and int(max_cg_steps) < 1:
+        raise ValueError(f"max_cg_steps must be >= 1, got {max_cg_steps}")
+
+    def init(problem, params) -> SolverState:
+        return start(problem, params, NewtonCGInner(jnp.zeros((), jnp.int32)))
+
+    def step(problem, state: SolverState) -> SolverState:
+        x, unravel = ravel_pytree(state.params)
+        g, _ = ravel_pytree(state.grad)
+        hvp = lambda v: ravel_pytree(problem.hvp(state.params, unravel(v)))[0]
+        p, cg_steps = truncated_cg(hvp, g, x.size if max_cg_steps is None else max_cg_steps)
+        ls = armijo(
+            lambda y: problem.loss(unravel(y)), x, state.value, g @ p, p,
+            c1=c1, shrink=shrink, max_steps=max_backtracks,
+        )
+        params = unravel(ls.x)
+        return advance(state, params, ls.value, problem.grad(params), NewtonCGInner(cg_steps), ls.ok)
+
+    return Solver("newton_cg", init, step)

@@ -1,0 +1,71 @@
+"""Batched solving: vmap of solve equals one-at-a-time solves; the sharded batch equals the vmapped batch."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from attnopt.problems.base import stack
+from attnopt.problems.registry import make
+from attnopt.solvers.first_order import optax as optax_solver
+from attnopt.solvers.loop import solve, solve_batch
+from attnopt.solvers.newton import newton
+
+
+def instances(count, **options):
+    opts = dict(n=24, d=3, cond=5.0, reg=0.2, ridge=1e-3, noise=0.1, scale=2.0, **options)
+    return [make("softmax", jax.random.key(seed), **opts) for seed in range(count)]
+
+
+@pytest.mark.parametrize("solver", [newton(), optax_solver(optax.adam(0.05))], ids=lambda s: s.name)
+def test_vmapped_solve_equals_single_solves(solver):
+    insts = instances(3)
+    # Different starts, so that the instances stop after different numbers of steps.
+    x0s = jnp.stack([0.3 * k * jnp.ones(3) for k in range(3)])
+    run = lambda p, x: solve(p, x, solver, max_steps=60, tol=1e-9)
+    batched = jax.vmap(run)(stack([i.problem for i in insts]), x0s)
+    for k, inst in enumerate(insts):
+        single = run(inst.problem, x0s[k])
+        chex.assert_trees_all_close(jax.tree.map(lambda leaf: leaf[k], batched), single, rtol=1e-12, atol=1e-14)
+    assert len(set(batched.steps.tolist())) > 1 or solver.name == "optax"
+
+
+def test_solve_batch_checks_batch_axis():
+    insts = instances(2)
+    with pytest.raises(ValueError, match="batch"):
+        solve_batch(stack([i.problem for i in insts]), jnp.zeros((3, 3)), newton())
+
+
+SHARDED = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp
+    from attnopt.problems.base import stack
+    from attnopt.problems.registry import make
+    from attnopt.solvers.loop import solve, solve_batch
+    from attnopt.solvers.newton import newton
+
+    assert jax.config.jax_enable_x64 and len(jax.devices()) == 4, jax.devices()
+    opts = dict(n=24, d=3, cond=5.0, reg=0.2, ridge=1e-3, noise=0.1, scale=2.0)
+    insts = [make("softmax", jax.random.key(seed), **opts) for seed in range(6)]  # 6: padded to 8
+    problems = stack([i.problem for i in insts])
+    x0s = jnp.stack([0.2 * k * jnp.ones(3) for k in range(6)])
+    sharded = solve_batch(problems, x0s, newton(), max_steps=40, tol=1e-10)
+    vmapped = jax.jit(jax.vmap(lambda p, x: solve(p, x, newton(), max_steps=40, tol=1e-10)))(problems, x0s)
+    assert sharded.steps.shape == (6,) and bool(jnp.all(sharded.converged))
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(vmapped)):
+        assert a.shape == b.shape and bool(jnp.allclose(a, b, rtol=1e-12, atol=1e-14, equal_nan=True)), (a, b)
+    print("devices", len(sharded.state.params.sharding.device_set), flush=True)
+    """
+)
+
+
+def test_sharded_batch_equals_vmapped_batch():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "devices 4" in out.stdout, out.stdout

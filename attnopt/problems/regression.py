@@ -93,11 +93,16 @@ class LinkRegression(Problem):
         z = self.A @ x
         return _guard(self.link.in_domain(z), self.link.gauss_newton(z, self.b).add_diag(self.reg**2))
 
+    def hessian_operator(self, x):
+        """``v -> H v`` with B computed once at x: for many HVPs at one point (CG), O(nd) each."""
+        self._check_params(x)
+        A, B, ridge = self.A, self.curvature(x), self.ridge
+        return lambda v: A.T @ B.mv(A @ v) + ridge * v
+
     @jax.jit
     def hvp(self, x, v):
         """Hessian-vector product (d,): ``A^T (B (A v)) + λ v``, O(nd)."""
-        self._check_params(x)
-        return self.A.T @ self.curvature(x).mv(self.A @ v) + self.ridge * v
+        return self.hessian_operator(x)(v)
 
     @jax.jit
     def hessian(self, x):

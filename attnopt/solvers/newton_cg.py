@@ -1,7 +1,9 @@
 """Matrix-free truncated Newton (Newton-CG) with the problem's Hessian-vector product.
 
 Each step solves ``H p = -g`` approximately by conjugate gradients
-(Nocedal & Wright, Algorithm 7.1), one ``problem.hvp`` per CG iteration:
+(Nocedal & Wright, Algorithm 7.1), one Hessian-vector product per CG
+iteration (``problem.hessian_operator(x)`` if the problem has it, which
+prepares the curvature once per step, else ``problem.hvp``):
 
 - stop when ``||r|| <= eta ||g||`` with ``eta = min(1/2, sqrt(||g||))`` (superlinear near the optimum);
 - on negative or zero curvature ``d^T H d <= 0``, return the iterate so far,
@@ -90,7 +92,12 @@ def newton_cg(
     def step(problem, state: SolverState) -> SolverState:
         x, unravel = ravel_pytree(state.params)
         g, _ = ravel_pytree(state.grad)
-        hvp = lambda v: ravel_pytree(problem.hvp(state.params, unravel(v)))[0]
+        hessian_at = (
+            problem.hessian_operator(state.params)
+            if hasattr(problem, "hessian_operator")
+            else functools.partial(problem.hvp, state.params)
+        )
+        hvp = lambda v: ravel_pytree(hessian_at(unravel(v)))[0]
         p, cg_steps = truncated_cg(hvp, g, x.size if max_cg_steps is None else max_cg_steps)
         ls = armijo(
             lambda y: problem.loss(unravel(y)), x, state.value, g @ p, p,

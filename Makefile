@@ -15,7 +15,7 @@ check: venv
 	$(PY) -m attnopt check
 
 run: venv
-	$(PY) -m attnopt check
+	$(PY) -m attnopt run configs/default.toml
 
 test: venv
 	$(PY) -m pytest -q

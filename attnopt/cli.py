@@ -1,4 +1,8 @@
-"""Command line: ``attnopt check`` (and ``python -m attnopt check``)."""
+"""Command line (``attnopt ...`` or ``python -m attnopt ...``).
+
+    attnopt check                      verify every problem's derivatives against autodiff
+    attnopt run CONFIG [--out DIR]     run an experiment config (see attnopt.experiments)
+"""
 from __future__ import annotations
 
 import argparse
@@ -31,12 +35,29 @@ def _check(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    from attnopt import experiments
+
+    try:
+        config = experiments.load_config(args.config)
+    except (OSError, ValueError) as err:
+        print(f"attnopt run: {err}", file=sys.stderr)
+        return 2
+    runs = experiments.run(config, args.out)
+    print(experiments.summary_table(runs))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="attnopt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="verify every problem's derivatives against autodiff (float64)")
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=_check)
+    run = sub.add_parser("run", help="run an experiment config (TOML): solvers, results JSON, convergence plot")
+    run.add_argument("config", help="path to a TOML config, e.g. configs/default.toml")
+    run.add_argument("--out", default=None, help="output folder (default: the config's out_dir or results/<name>)")
+    run.set_defaults(func=_run)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -78,7 +78,7 @@ class LinkRegression(Problem):
         """Gradient (d,) at x (d,): ``A^T (∇ell(z) + w^2∘z) + λ x``."""
         self._check_params(x)
         z = self.A @ x
-        g = self.A.T @ (self.link.grad(z, self.b) + self.reg**2 * z) + self.ridge * x
+        g = (self.link.grad(z, self.b) + self.reg**2 * z) @ self.A + self.ridge * x
         return _guard(self.link.in_domain(z), g)
 
     @jax.jit
@@ -97,7 +97,7 @@ class LinkRegression(Problem):
         """``v -> H v`` with B computed once at x: for many HVPs at one point (CG), O(nd) each."""
         self._check_params(x)
         A, B, ridge = self.A, self.curvature(x), self.ridge
-        return lambda v: A.T @ B.mv(A @ v) + ridge * v
+        return lambda v: B.mv(A @ v) @ A + ridge * v
 
     @jax.jit
     def hvp(self, x, v):
@@ -114,7 +114,7 @@ class LinkRegression(Problem):
     @jax.jit
     def gauss_newton_hvp(self, x, v):
         """``A^T (J^T J + diag(w^2)) A v + λ v`` (always PSD)."""
-        return self.A.T @ self.gauss_newton_curvature(x).mv(self.A @ v) + self.ridge * v
+        return self.gauss_newton_curvature(x).mv(self.A @ v) @ self.A + self.ridge * v
 
     @jax.jit
     def gauss_newton_matrix(self, x):

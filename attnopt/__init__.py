@@ -1,9 +1,14 @@
 """attnopt: JAX toolkit for the optimization problems that model attention."""
 from attnopt import solvers
-from attnopt.operators import DiagPlusLowRank
+from attnopt.operators import DiagPlusLowRank, KroneckerOperator
 from attnopt.problems import (
+    AttentionParams,
+    AttentionRegression,
     Instance,
     LinkRegression,
+    MatrixLinkRegression,
+    MatrixRescaledRegression,
+    MatrixSoftmaxRegression,
     Problem,
     RescaledRegression,
     ResNetSoftmaxRegression,

@@ -42,12 +42,19 @@ def nonnegative(name: str, arr: jax.Array) -> jax.Array:
     return arr
 
 
-def weights(name: str, value, dtype, n: int) -> jax.Array:
-    """A nonnegative weight given as a scalar or an (n,) vector, returned as (n,)."""
+def weights(name: str, value, dtype, shape: tuple) -> jax.Array:
+    """A nonnegative weight given as a scalar or a ``shape`` array, returned with ``shape``."""
     arr = jnp.asarray(value, dtype=dtype)
     if arr.ndim == 0:
-        arr = jnp.broadcast_to(arr, (n,))
-    return nonnegative(name, as_array(f"{name} (a scalar or a vector)", arr, dtype, (n,)))
+        arr = jnp.broadcast_to(arr, shape)
+    kind = "a vector" if len(shape) == 1 else "an array"
+    return nonnegative(name, as_array(f"{name} (a scalar or {kind})", arr, dtype, shape))
+
+
+def params_shape(name: str, x, shape: tuple) -> None:
+    """Raise ValueError unless the params x have ``shape`` (checked at trace time)."""
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
 
 
 def scalar(name: str, value, dtype) -> jax.Array:

@@ -21,7 +21,7 @@ class DiagPlusLowRank(NamedTuple):
 
     def mv(self, v: jax.Array) -> jax.Array:
         """``B v`` for v (n,), in O(nk)."""
-        return self.diag * v + self.U @ (self.M @ (self.U.T @ v))
+        return self.diag * v + self.U @ (self.M @ (v @ self.U))
 
     def as_matrix(self) -> jax.Array:
         """Dense (n, n) matrix (for tests and small n)."""
@@ -29,8 +29,8 @@ class DiagPlusLowRank(NamedTuple):
 
     def sandwich(self, A: jax.Array) -> jax.Array:
         """``A^T B A`` for A (n, d) in O(n d^2): one ``A^T diag(.) A`` product plus a rank-k term."""
-        AU = A.T @ self.U
-        return (A.T * self.diag) @ A + AU @ self.M @ AU.T
+        UA = self.U.T @ A
+        return (A.T * self.diag) @ A + UA.T @ self.M @ UA
 
     def add_diag(self, extra: jax.Array) -> "DiagPlusLowRank":
         return self._replace(diag=self.diag + extra)
@@ -41,3 +41,123 @@ def symmetric_rank2(u: jax.Array, w: jax.Array, gamma: jax.Array, scale=1.0):
     one = jnp.ones_like(gamma)
     M = scale * jnp.stack([jnp.stack([gamma, -one]), jnp.stack([-one, 0 * one])])
     return jnp.stack([u, w], axis=-1), M
+
+
+class KroneckerOperator(NamedTuple):
+    """``K = A1 ⊗ A2`` acting on row-major vectorised matrices, never formed.
+
+    Shapes: A1 (m1, d1), A2 (m2, d2); K is (m1*m2, d1*d2) and, with row-major
+    vec (``X.reshape(-1)``),
+
+        K vec(X)   = vec(A1 X A2^T)      X (d1, d2) -> (m1, m2)
+        K^T vec(Y) = vec(A1^T Y A2)      Y (m1, m2) -> (d1, d2)
+
+    Row block j of K (rows j*m2 ... j*m2 + m2 - 1) is ``a1_j^T ⊗ A2``: it maps
+    vec(X) to row j of ``A1 X A2^T``. Like :class:`DiagPlusLowRank` it is a
+    NamedTuple of arrays, so a stack of operators is batched with ``jax.vmap``.
+    """
+
+    A1: jax.Array
+    A2: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(m1*m2, d1*d2), the shape of the dense matrix."""
+        (m1, d1), (m2, d2) = self.A1.shape[-2:], self.A2.shape[-2:]
+        return m1 * m2, d1 * d2
+
+    @property
+    def in_shape(self) -> tuple[int, int]:
+        """(d1, d2), the matrix shape of the input of ``mv``."""
+        return self.A1.shape[-1], self.A2.shape[-1]
+
+    @property
+    def out_shape(self) -> tuple[int, int]:
+        """(m1, m2), the matrix shape of the output of ``mv``."""
+        return self.A1.shape[-2], self.A2.shape[-2]
+
+    @property
+    def T(self) -> "KroneckerOperator":
+        """The transpose ``A1^T ⊗ A2^T``."""
+        return KroneckerOperator(self.A1.T, self.A2.T)
+
+    def mv(self, x: jax.Array) -> jax.Array:
+        """``K x``: x is vec(X) (d1*d2,) or X (d1, d2); returns the same form, (m1*m2,) or (m1, m2).
+
+        Costs O(m1 d1 d2 + m1 m2 d2) instead of O(m1 m2 d1 d2).
+        """
+        X = _as_matrix("x", x, self.in_shape)
+        Y = self.A1 @ X @ self.A2.T
+        return Y if x.ndim == 2 else Y.reshape(-1)
+
+    def rmv(self, y: jax.Array) -> jax.Array:
+        """``K^T y``: y is vec(Y) (m1*m2,) or Y (m1, m2); returns vec(A1^T Y A2) or A1^T Y A2."""
+        return self.T.mv(y)
+
+    def as_matrix(self) -> jax.Array:
+        """The dense (m1*m2, d1*d2) matrix ``kron(A1, A2)`` (for tests and small sizes)."""
+        return jnp.kron(self.A1, self.A2)
+
+    def sandwich(self, B: DiagPlusLowRank) -> jax.Array:
+        """``K^T blockdiag(B_1, ..., B_m1) K`` as a dense (d1*d2, d1*d2) matrix, row-major order.
+
+        B holds one symmetric (m2, m2) block per row block of K, stacked:
+        ``diag`` (m1, m2), ``U`` (m1, m2, k), ``M`` (m1, k, k). Since row block
+        j of K is ``a1_j^T ⊗ A2``,
+
+            K^T blockdiag(B) K = sum_j (a1_j a1_j^T) ⊗ (A2^T B_j A2),
+
+        assembled with matrix products as ``K1^T S`` where row j of K1 (m1, d1^2)
+        is vec(a1_j a1_j^T) and row j of S (m1, d2^2) is vec(A2^T B_j A2), then
+        reordered from (d1, d1, d2, d2) to (d1, d2, d1, d2) axes. The diagonal
+        parts of all blocks are one product ``diag @ K2`` (K2 like K1, for A2),
+        the low-rank parts k products ``U[:, :, r] @ A2``.
+        Cost O(m1 m2 d2 (d2 + k) + m1 k^2 d2^2 + m1 d1^2 d2^2); the dense
+        ``K^T B K`` would cost O(m1 m2^2 d1 d2 + m1 m2 d1^2 d2^2) and
+        O(m1 m2 d1 d2) memory.
+        """
+        (m1, d1), (m2, d2) = self.A1.shape, self.A2.shape
+        self._check_blocks(B)
+        K1T = (self.A1.T[:, None, :] * self.A1.T[None, :, :]).reshape(d1 * d1, m1)  # K1^T, built transposed
+        K2 = (self.A2[:, :, None] * self.A2[:, None, :]).reshape(m2, d2 * d2)
+        P = jnp.stack([u @ self.A2 for u in _columns(B.U)], axis=-1)  # A2^T U_j, (m1, d2, k)
+        S = B.diag @ K2 + jnp.einsum("jar,jrs,jbs->jab", P, B.M, P).reshape(m1, d2 * d2)
+        H = (K1T @ S).reshape(d1, d1, d2, d2)
+        return H.transpose(0, 2, 1, 3).reshape(d1 * d2, d1 * d2)
+
+    def sandwich_mv(self, B: DiagPlusLowRank, x: jax.Array) -> jax.Array:
+        """``K^T blockdiag(B_1, ..., B_m1) K x`` for x as in :meth:`mv`, without forming the matrix.
+
+        B as in :meth:`sandwich`. Row j of ``Z = K x`` (m1, m2) is multiplied
+        by B_j, then mapped back with ``K^T``: O(m1 m2 (d + k)). The k low-rank
+        columns are applied one at a time (unrolled: meant for small k), which
+        keeps every step an elementwise product or a row sum.
+        """
+        self._check_blocks(B)
+        Z = self.mv(x)
+        V = Z.reshape(self.out_shape)
+        cols = _columns(B.U)
+        w = jnp.stack([jnp.sum(u * V, axis=-1) for u in cols], axis=-1)  # U_j^T v_j, (m1, k)
+        Mw = jnp.einsum("jrs,js->jr", B.M, w)
+        BV = B.diag * V + sum(u * Mw[:, r, None] for r, u in enumerate(cols))
+        return self.rmv(BV.reshape(Z.shape))
+
+    def _check_blocks(self, B: DiagPlusLowRank) -> None:
+        m1, m2 = self.out_shape
+        if B.diag.shape != (m1, m2):
+            raise ValueError(f"B.diag must have shape ({m1}, {m2}) (one block per row of A1), got {B.diag.shape}")
+
+
+def _columns(U: jax.Array) -> list[jax.Array]:
+    """The k slices ``U[..., r]``."""
+    return [U[..., r] for r in range(U.shape[-1])]
+
+
+def _as_matrix(name: str, x: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """x (rows*cols,) or (rows, cols) as a (rows, cols) matrix; ValueError otherwise."""
+    rows, cols = shape
+    if x.shape == (rows * cols,):
+        return x.reshape(rows, cols)
+    if x.shape == (rows, cols):
+        return x
+    raise ValueError(f"{name} must have shape ({rows * cols},) or ({rows}, {cols}), got {x.shape}")

@@ -7,3 +7,5 @@ from attnopt.problems.regression import (
     ResNetSoftmaxRegression,
     SoftmaxRegression,
 )
+from attnopt.problems.matrix import MatrixLinkRegression, MatrixRescaledRegression, MatrixSoftmaxRegression
+from attnopt.problems.attention import AttentionParams, AttentionRegression

@@ -74,6 +74,17 @@ class Problem:
         return getattr(self, self.leaves[0]).dtype
 
 
+def nan_outside(ok, out):
+    """``out`` (a pytree) where ``ok`` (bool scalar, or None for always), NaN elsewhere.
+
+    Problems wrap every output with it so that leaving a formula's domain
+    (overflow, a non-positive normaliser) gives NaN, never plausible numbers.
+    """
+    if ok is None:
+        return out
+    return jax.tree.map(lambda o: jnp.where(ok, o, jnp.nan), out)
+
+
 def _describe(x: Any) -> str:
     shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
     return f"{dtype}{list(shape)}" if shape is not None else repr(x)

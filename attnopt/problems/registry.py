@@ -55,6 +55,11 @@ def _known(name):
         raise ValueError(f"unknown problem {name!r}; known: {sorted(GENERATORS)}")
 
 
+def noisy(key, target: jax.Array, noise: float) -> jax.Array:
+    """``target∘(1 + noise * N(0, 1))``: multiplicative noise keeps the target's scale."""
+    return target * (1 + noise * jax.random.normal(key, target.shape, target.dtype))
+
+
 def conditioned_matrix(key, n: int, d: int, cond: float = 1.0, dtype="float64") -> jax.Array:
     """Random (n, d) matrix ``sqrt(n) Q1 diag(s) Q2^T`` with s log-spaced in [1/cond, 1].
 

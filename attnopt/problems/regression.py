@@ -19,16 +19,9 @@ import jax.numpy as jnp
 
 from attnopt import _validate
 from attnopt.operators import DiagPlusLowRank
-from attnopt.problems.base import Problem
+from attnopt.problems.base import Problem, nan_outside
 from attnopt.problems.links import RESCALED_FUNCTIONS, ResNetSoftmaxLink, RescaledLink, SoftmaxLink
-from attnopt.problems.registry import Instance, conditioned_matrix, register
-
-
-def _guard(ok, out):
-    """``out`` where the formulas are in their domain, NaN elsewhere."""
-    if ok is None:
-        return out
-    return jax.tree.map(lambda o: jnp.where(ok, o, jnp.nan), out)
+from attnopt.problems.registry import Instance, conditioned_matrix, noisy, register
 
 
 class LinkRegression(Problem):
@@ -45,7 +38,7 @@ class LinkRegression(Problem):
         self._set(
             A=A,
             b=_validate.as_array(f"b (A has {n} rows)", b, dtype, (n,)),
-            reg=_validate.weights("reg", reg, dtype, n),
+            reg=_validate.weights("reg", reg, dtype, (n,)),
             ridge=_validate.scalar("ridge", ridge, dtype),
             link=link,
         )
@@ -56,8 +49,7 @@ class LinkRegression(Problem):
         return self.A.shape[-2:]
 
     def _check_params(self, x):
-        if x.shape != self.A.shape[1:]:
-            raise ValueError(f"x must have shape ({self.A.shape[1]},), got {x.shape}")
+        _validate.params_shape("x", x, self.A.shape[1:])
 
     def in_domain(self, x) -> jax.Array:
         """Whether the link formulas are defined at x (bool scalar)."""
@@ -71,7 +63,7 @@ class LinkRegression(Problem):
         z = self.A @ x
         w2 = self.reg**2
         value = self.link.value(z, self.b) + 0.5 * (w2 @ (z * z)) + 0.5 * self.ridge * (x @ x)
-        return _guard(self.link.in_domain(z), value)
+        return nan_outside(self.link.in_domain(z), value)
 
     @jax.jit
     def grad(self, x):
@@ -79,19 +71,19 @@ class LinkRegression(Problem):
         self._check_params(x)
         z = self.A @ x
         g = (self.link.grad(z, self.b) + self.reg**2 * z) @ self.A + self.ridge * x
-        return _guard(self.link.in_domain(z), g)
+        return nan_outside(self.link.in_domain(z), g)
 
     @jax.jit
     def curvature(self, x) -> DiagPlusLowRank:
         """``B + diag(w^2)``, the Hessian of the loss in z = A x, as diagonal plus rank 2."""
         z = self.A @ x
-        return _guard(self.link.in_domain(z), self.link.curvature(z, self.b).add_diag(self.reg**2))
+        return nan_outside(self.link.in_domain(z), self.link.curvature(z, self.b).add_diag(self.reg**2))
 
     @jax.jit
     def gauss_newton_curvature(self, x) -> DiagPlusLowRank:
         """PSD Gauss-Newton model of the z-Hessian: ``J^T J + diag(w^2)``."""
         z = self.A @ x
-        return _guard(self.link.in_domain(z), self.link.gauss_newton(z, self.b).add_diag(self.reg**2))
+        return nan_outside(self.link.in_domain(z), self.link.gauss_newton(z, self.b).add_diag(self.reg**2))
 
     def hessian_operator(self, x):
         """``v -> H v`` with B computed once at x: for many HVPs at one point (CG), O(nd) each."""
@@ -170,17 +162,12 @@ def _planted(key, n, d, cond, scale, dtype):
     return A, scale * jax.random.normal(k_x, (d,), dtype) / jnp.sqrt(d)
 
 
-def _noisy(key, target, noise):
-    """``target∘(1 + noise * N(0, 1))``: multiplicative noise keeps the target's scale."""
-    return target * (1 + noise * jax.random.normal(key, target.shape, target.dtype))
-
-
 @register("softmax")
 def softmax_instance(key, n=16, d=6, cond=1.0, reg=0.0, ridge=0.0, noise=0.0, scale=1.0, dtype="float64"):
     """SoftmaxRegression with b = softmax(A x*) (times multiplicative noise), x0 = 0."""
     k_p, k_n = jax.random.split(key)
     A, x_star = _planted(k_p, n, d, cond, scale, dtype)
-    b = _noisy(k_n, jax.nn.softmax(A @ x_star), noise)
+    b = noisy(k_n, jax.nn.softmax(A @ x_star), noise)
     return Instance(SoftmaxRegression(A, b, reg, ridge), jnp.zeros(d, dtype), x_star)
 
 
@@ -190,7 +177,7 @@ def resnet_instance(key, n=16, d=6, cond=1.0, reg=0.0, ridge=0.0, noise=0.0, sca
     k_p, k_n = jax.random.split(key)
     A, x_star = _planted(k_p, n, d, cond, scale, dtype)
     u = jnp.exp(A @ x_star) + A @ x_star
-    b = _noisy(k_n, u / jnp.sum(u), noise)
+    b = noisy(k_n, u / jnp.sum(u), noise)
     return Instance(ResNetSoftmaxRegression(A, b, reg, ridge), jnp.zeros(d, dtype), x_star)
 
 
@@ -200,7 +187,7 @@ def _rescaled_generator(link):
         k_p, k_n = jax.random.split(key)
         A, x_star = _planted(k_p, n, d, cond, scale, dtype)
         u = RESCALED_FUNCTIONS[link][0](A @ x_star)
-        b = _noisy(k_n, u / jnp.sum(u), noise)
+        b = noisy(k_n, u / jnp.sum(u), noise)
         return Instance(RescaledRegression(A, b, link, reg, ridge), jnp.zeros(d, dtype), x_star)
 
     return register(f"rescaled_{link}")(rescaled_instance)

@@ -4,6 +4,7 @@ Every solver is an ``(init, step)`` pair over :class:`SolverState`;
 :func:`solve` runs any of them in one ``jax.lax.while_loop`` and
 :func:`solve_batch` runs a batch of instances sharded over devices.
 """
+from attnopt.solvers.alternating import alternating
 from attnopt.solvers.approx_newton import approx_newton, sketched_hessian
 from attnopt.solvers.first_order import optax
 from attnopt.solvers.loop import SolveResult, Trace, solve, solve_batch
@@ -20,6 +21,7 @@ __all__ = [
     "SolverState",
     "Status",
     "Trace",
+    "alternating",
     "approx_newton",
     "gauss_newton",
     "newton",

@@ -1,0 +1,198 @@
+"""Matrix ("tensor trick") regression: a link loss on every row of ``Z = A1 X A2^T``.
+
+Shapes: A1 (n1, d1), A2 (n2, d2), B (n1, n2), X (d1, d2) (the papers take
+n1 = n2 = n, d1 = d2 = d). Row j of Z is ``A_j vec(X)`` with
+``A_j = a1_j^T ⊗ A2``, the j-th row block of the never-formed Kronecker
+operator ``K = A1 ⊗ A2`` (row-major vec, see :class:`KroneckerOperator`), so
+the problem is n1 vector link regressions sharing X (../shared/MATH.md section 4):
+
+    L(X) = sum_j ell(z_j; b_j) + 1/2 ||W∘Z||_F^2 + λ/2 ||X||_F^2
+
+with ell a link of :mod:`attnopt.problems.links` applied row by row, W the
+nonnegative ``reg`` (a scalar or (n1, n2)) and λ the ``ridge``. The papers write
+the squared norms without the factor 1/2; attnopt keeps it. Derivatives:
+
+    grad    = A1^T G A2 + λ X,   row j of G = ∇ell(z_j) + w_j^2∘z_j        O(n1 n2 d)
+    hvp     = A1^T D A2 + λ V,   row j of D = B_j (row j of A1 V A2^T)       O(n1 n2 d)
+    hessian = sum_j (a1_j a1_j^T) ⊗ (A2^T B_j A2) + λ I                      O(n^2 d^2 + n d^4)
+
+where ``B_j = ∇^2 ell(z_j) + diag(w_j^2)`` is diagonal plus rank 2; the
+Hessian is (d1*d2, d1*d2) in row-major order, assembled by
+:meth:`KroneckerOperator.sandwich` without forming the n1 n2 x d1 d2 operator.
+Where the link leaves its domain in any row, every method returns NaN.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from attnopt import _validate
+from attnopt.operators import DiagPlusLowRank, KroneckerOperator
+from attnopt.problems.base import Problem, nan_outside
+from attnopt.problems.links import RescaledLink, SoftmaxLink
+from attnopt.problems.registry import Instance, conditioned_matrix, noisy, register
+
+
+class MatrixLinkRegression(Problem):
+    """Shared implementation; subclasses fix the static ``link``."""
+
+    leaves: ClassVar = ("A1", "A2", "B", "reg", "ridge")
+    static: ClassVar = ("link",)
+    link: Any
+
+    def __init__(self, A1, A2, B, reg=0.0, ridge=0.0, *, link):
+        dtype = _validate.float_dtype(A1, A2, B)
+        A1 = _validate.as_array("A1", A1, dtype, (None, None))
+        A2 = _validate.as_array("A2", A2, dtype, (None, None))
+        shape = (A1.shape[0], A2.shape[0])
+        self._set(
+            A1=A1,
+            A2=A2,
+            B=_validate.as_array("B (rows of A1 x rows of A2)", B, dtype, shape),
+            reg=_validate.weights("reg", reg, dtype, shape),
+            ridge=_validate.scalar("ridge", ridge, dtype),
+            link=link,
+        )
+
+    @property
+    def operator(self) -> KroneckerOperator:
+        """``A1 ⊗ A2``: maps X (d1, d2) to the logits Z = A1 X A2^T (n1, n2)."""
+        return KroneckerOperator(self.A1, self.A2)
+
+    @property
+    def params_shape(self) -> tuple[int, int]:
+        """(d1, d2), the shape of X."""
+        return self.operator.in_shape
+
+    def _logits(self, X):
+        _validate.params_shape("X", X, self.params_shape)
+        return self.operator.mv(X)
+
+    def _domain(self, Z):
+        ok = jax.vmap(self.link.in_domain)(Z)
+        return None if ok is None else jnp.all(ok)
+
+    def in_domain(self, X) -> jax.Array:
+        """Whether the link formulas are defined in every row of Z (bool scalar)."""
+        ok = self._domain(self._logits(X))
+        return jnp.asarray(True) if ok is None else ok
+
+    @jax.jit
+    def loss(self, X):
+        """Scalar loss at X (d1, d2)."""
+        Z = self._logits(X)
+        value = (
+            jnp.sum(jax.vmap(self.link.value)(Z, self.B))
+            + 0.5 * jnp.sum((self.reg * Z) ** 2)
+            + 0.5 * self.ridge * jnp.sum(X * X)
+        )
+        return nan_outside(self._domain(Z), value)
+
+    @jax.jit
+    def grad(self, X):
+        """Gradient (d1, d2): ``A1^T G A2 + λ X``, row j of G = ∇ell(z_j) + w_j^2∘z_j."""
+        Z = self._logits(X)
+        G = jax.vmap(self.link.grad)(Z, self.B) + self.reg**2 * Z
+        return nan_outside(self._domain(Z), self.operator.rmv(G) + self.ridge * X)
+
+    @jax.jit
+    def curvature(self, X) -> DiagPlusLowRank:
+        """The per-row z-Hessians ``B_j = ∇^2 ell(z_j) + diag(w_j^2)``, stacked: diag (n1, n2), U (n1, n2, 2), M (n1, 2, 2)."""
+        Z = self._logits(X)
+        return nan_outside(self._domain(Z), jax.vmap(self.link.curvature)(Z, self.B).add_diag(self.reg**2))
+
+    @jax.jit
+    def gauss_newton_curvature(self, X) -> DiagPlusLowRank:
+        """The per-row PSD Gauss-Newton models ``J_j^T J_j + diag(w_j^2)``, stacked like :meth:`curvature`."""
+        Z = self._logits(X)
+        return nan_outside(self._domain(Z), jax.vmap(self.link.gauss_newton)(Z, self.B).add_diag(self.reg**2))
+
+    def _apply(self, curvature: DiagPlusLowRank, V):
+        """``K^T blockdiag(B_j) K V + λ V`` for V (d1, d2)."""
+        _validate.params_shape("V", V, self.params_shape)
+        return self.operator.sandwich_mv(curvature, V) + self.ridge * V
+
+    def _assemble(self, curvature: DiagPlusLowRank):
+        """``K^T blockdiag(B_j) K + λ I`` as a (d1*d2, d1*d2) row-major matrix."""
+        size = self.operator.shape[1]
+        return self.operator.sandwich(curvature) + self.ridge * jnp.eye(size, dtype=self.dtype)
+
+    @jax.jit
+    def hvp(self, X, V):
+        """Hessian-vector product (d1, d2) in direction V (d1, d2): ``A1^T D A2 + λ V``, O(n1 n2 d)."""
+        return self._apply(self.curvature(X), V)
+
+    @jax.jit
+    def hessian(self, X):
+        """Hessian (d1*d2, d1*d2), row-major vec: ``sum_j (a1_j a1_j^T) ⊗ (A2^T B_j A2) + λ I``."""
+        return self._assemble(self.curvature(X))
+
+    @jax.jit
+    def gauss_newton_hvp(self, X, V):
+        """Gauss-Newton matrix times V (d1, d2) (always PSD)."""
+        return self._apply(self.gauss_newton_curvature(X), V)
+
+    @jax.jit
+    def gauss_newton_matrix(self, X):
+        """Gauss-Newton matrix (d1*d2, d1*d2), row-major vec, PSD."""
+        return self._assemble(self.gauss_newton_curvature(X))
+
+
+class MatrixSoftmaxRegression(MatrixLinkRegression):
+    """``1/2 ||row_softmax(A1 X A2^T) - B||_F^2 + 1/2 ||W∘(A1 X A2^T)||_F^2 + λ/2 ||X||_F^2``.
+
+    Args:
+      A1: (n1, d1); A2: (n2, d2); B: (n1, n2) target (rows typically on the simplex).
+      reg: W, a nonnegative scalar or (n1, n2) matrix.
+      ridge: λ >= 0.
+    """
+
+    def __init__(self, A1, A2, B, reg=0.0, ridge=0.0):
+        super().__init__(A1, A2, B, reg, ridge, link=SoftmaxLink())
+
+
+class MatrixRescaledRegression(MatrixLinkRegression):
+    """``1/2 ||E - rowsum(E)∘B||_F^2 + regularisers``, E = φ(A1 X A2^T) entrywise.
+
+    For φ = exp (the default) the gradient is ``A1^T (E∘Q) A2`` with
+    ``C = E - rowsum(E)∘B``, ``Q = C - rowsum(B∘C)`` (MATH.md section 4): the
+    rescaled link of section 2 on every row.
+
+    Args:
+      A1, A2, B, reg, ridge: as in :class:`MatrixSoftmaxRegression`.
+      link: "exp", "cosh" or "sinh" (φ). Without a regulariser the problem is
+        not well posed (L -> 0 as E -> 0); where φ overflows in some row every
+        method returns NaN.
+    """
+
+    def __init__(self, A1, A2, B, reg=0.0, ridge=0.0, *, link="exp"):
+        super().__init__(A1, A2, B, reg, ridge, link=RescaledLink(link))
+
+
+def _planted(key, n, d, cond, scale, dtype):
+    """A1, A2 (n, d) of condition number ``cond`` and a planted X* (d, d) with O(scale) logits."""
+    k1, k2, kx = jax.random.split(key, 3)
+    A1 = conditioned_matrix(k1, n, d, cond, dtype)
+    A2 = conditioned_matrix(k2, n, d, cond, dtype)
+    return A1, A2, scale * jax.random.normal(kx, (d, d), dtype) / d
+
+
+@register("matrix_softmax")
+def matrix_softmax_instance(key, n=8, d=3, cond=1.0, reg=0.0, ridge=0.0, noise=0.0, scale=1.0, dtype="float64"):
+    """MatrixSoftmaxRegression with B = row_softmax(A1 X* A2^T) (times multiplicative noise), X0 = 0."""
+    k_p, k_n = jax.random.split(key)
+    A1, A2, X_star = _planted(k_p, n, d, cond, scale, dtype)
+    B = noisy(k_n, jax.nn.softmax(A1 @ X_star @ A2.T, axis=-1), noise)
+    return Instance(MatrixSoftmaxRegression(A1, A2, B, reg, ridge), jnp.zeros((d, d), dtype), X_star)
+
+
+@register("matrix_rescaled")
+def matrix_rescaled_instance(key, n=8, d=3, cond=1.0, reg=0.1, ridge=0.0, noise=0.0, scale=1.0, dtype="float64"):
+    """MatrixRescaledRegression (exp) with B = E*/rowsum(E*), E* = exp(A1 X* A2^T) (noisy), X0 = 0."""
+    k_p, k_n = jax.random.split(key)
+    A1, A2, X_star = _planted(k_p, n, d, cond, scale, dtype)
+    E = jnp.exp(A1 @ X_star @ A2.T)
+    B = noisy(k_n, E / jnp.sum(E, axis=-1, keepdims=True), noise)
+    return Instance(MatrixRescaledRegression(A1, A2, B, reg, ridge), jnp.zeros((d, d), dtype), X_star)

@@ -98,7 +98,7 @@ class KroneckerOperator(NamedTuple):
         """The dense (m1*m2, d1*d2) matrix ``kron(A1, A2)`` (for tests and small sizes)."""
         return jnp.kron(self.A1, self.A2)
 
-    def sandwich(self, B: DiagPlusLowRank) -> jax.Array:
+    def sandwich(self, B: DiagPlusLowRank, row_block: int = 512) -> jax.Array:
         """``K^T blockdiag(B_1, ..., B_m1) K`` as a dense (d1*d2, d1*d2) matrix, row-major order.
 
         B holds one symmetric (m2, m2) block per row block of K, stacked:
@@ -115,15 +115,29 @@ class KroneckerOperator(NamedTuple):
         Cost O(m1 m2 d2 (d2 + k) + m1 k^2 d2^2 + m1 d1^2 d2^2); the dense
         ``K^T B K`` would cost O(m1 m2^2 d1 d2 + m1 m2 d1^2 d2^2) and
         O(m1 m2 d1 d2) memory.
+
+        The sum over j runs in a ``lax.scan`` over ``row_block`` rows of A1 at a
+        time (zero-padded): each block is two plain GEMMs on materialised
+        operands, and the working memory is O(row_block (m2 + d1^2 + d2^2)).
         """
         (m1, d1), (m2, d2) = self.A1.shape, self.A2.shape
         self._check_blocks(B)
-        K1T = (self.A1.T[:, None, :] * self.A1.T[None, :, :]).reshape(d1 * d1, m1)  # K1^T, built transposed
         K2 = (self.A2[:, :, None] * self.A2[:, None, :]).reshape(m2, d2 * d2)
         P = jnp.stack([u @ self.A2 for u in _columns(B.U)], axis=-1)  # A2^T U_j, (m1, d2, k)
-        S = B.diag @ K2 + jnp.einsum("jar,jrs,jbs->jab", P, B.M, P).reshape(m1, d2 * d2)
-        H = (K1T @ S).reshape(d1, d1, d2, d2)
-        return H.transpose(0, 2, 1, 3).reshape(d1 * d2, d1 * d2)
+        low_rank = jnp.einsum("jar,jrs,jbs->jab", P, B.M, P).reshape(m1, d2 * d2)
+        size = min(m1, row_block)
+        blocks = -(-m1 // size)
+        pad = lambda x: jnp.pad(x, [(0, blocks * size - m1)] + [(0, 0)] * (x.ndim - 1))
+        split = lambda x: pad(x).reshape(blocks, size, *x.shape[1:])
+
+        def add_block(H, block):
+            a1, diag, low = block
+            K1T = (a1.T[:, None, :] * a1.T[None, :, :]).reshape(d1 * d1, size)
+            return H + K1T @ (diag @ K2 + low), None
+
+        H0 = jnp.zeros((d1 * d1, d2 * d2), B.diag.dtype)
+        H, _ = jax.lax.scan(add_block, H0, (split(self.A1), split(B.diag), split(low_rank)))
+        return H.reshape(d1, d1, d2, d2).transpose(0, 2, 1, 3).reshape(d1 * d2, d1 * d2)
 
     def sandwich_mv(self, B: DiagPlusLowRank, x: jax.Array) -> jax.Array:
         """``K^T blockdiag(B_1, ..., B_m1) K x`` for x as in :meth:`mv`, without forming the matrix.

@@ -64,12 +64,14 @@ def test_row_block_j_maps_to_row_j():
 
 
 @pytest.mark.parametrize("k", [1, K])
-def test_sandwich_matches_dense(k):
+@pytest.mark.parametrize("row_block", [512, 1, 2, 3])  # one block; blocks dividing M1 = 5; padded blocks
+def test_sandwich_matches_dense(k, row_block):
     op = operator()
     B, dense_B = blocks(k=k)
     K_dense = op.as_matrix()
     expected = K_dense.T @ dense_B @ K_dense
-    np.testing.assert_allclose(op.sandwich(B), expected, rtol=1e-11, atol=1e-11 * np.abs(expected).max())
+    got = op.sandwich(B, row_block=row_block)
+    np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-11 * np.abs(expected).max())
     np.testing.assert_allclose(jax.jit(KroneckerOperator.sandwich)(op, B), expected, rtol=1e-11, atol=1e-11 * np.abs(expected).max())
 
 

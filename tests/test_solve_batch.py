@@ -35,6 +35,36 @@ def test_vmapped_solve_equals_single_solves(solver):
     assert len(set(batched.steps.tolist())) > 1 or solver.name == "optax"
 
 
+def test_vmap_over_starts_only_and_over_tolerances():
+    problem = instances(1)[0].problem
+    x0s = jnp.stack([0.4 * k * jnp.ones(3) for k in range(3)])
+    tols = jnp.array([1e-3, 1e-6, 1e-10])
+    over_x0 = jax.vmap(lambda x: solve(problem, x, newton(), max_steps=40, tol=1e-9))(x0s)
+    over_tol = jax.vmap(lambda t: solve(problem, x0s[2], newton(), max_steps=40, tol=t))(tols)
+    for k in range(3):
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda leaf: leaf[k], over_x0), solve(problem, x0s[k], newton(), max_steps=40, tol=1e-9),
+            rtol=1e-12, atol=1e-14,
+        )
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda leaf: leaf[k], over_tol), solve(problem, x0s[2], newton(), max_steps=40, tol=tols[k]),
+            rtol=1e-12, atol=1e-14,
+        )
+    assert over_tol.steps[0] < over_tol.steps[2]  # a looser tolerance stops earlier
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2])
+def test_solve_batch_chunks_equal_vmapped_batch(chunk_size):
+    insts = instances(5)
+    problems = stack([i.problem for i in insts])
+    x0s = jnp.stack([0.3 * k * jnp.ones(3) for k in range(5)])
+    vmapped = jax.vmap(lambda p, x: solve(p, x, newton(), max_steps=40, tol=1e-10))(problems, x0s)
+    batched = solve_batch(problems, x0s, newton(), max_steps=40, tol=1e-10, chunk_size=chunk_size)
+    chex.assert_trees_all_close(batched, vmapped, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="chunk_size"):
+        solve_batch(problems, x0s, newton(), chunk_size=0)
+
+
 def test_solve_batch_checks_batch_axis():
     insts = instances(2)
     with pytest.raises(ValueError, match="batch"):

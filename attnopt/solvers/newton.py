@@ -70,6 +70,10 @@ def levenberg_cholesky(M: jax.Array, shift, *, growth: float = 10.0, max_tries: 
       M: (N, N) symmetric matrix; shift: scalar >= 0, the first mu tried.
     Returns:
       (L, mu); L is NaN if M is not finite or no mu within ``max_tries`` works.
+
+    The first factorisation is outside the loop, so a positive definite M
+    costs one Cholesky; under ``vmap`` the loop runs while any instance's
+    factor has failed (each trip a batched Cholesky of small matrices).
     """
     eye = jnp.eye(M.shape[-1], dtype=M.dtype)
     mu0 = jnp.sqrt(jnp.finfo(M.dtype).eps) * (1 + jnp.max(jnp.abs(jnp.diag(M))))
@@ -98,6 +102,11 @@ def damped_newton_direction(M, g, shift=0.0):
     return -jax.scipy.linalg.cho_solve((L, True), g), mu
 
 
+def flat_grad(problem, unravel):
+    """``problem.grad`` as a function of the flat parameters (N,) -> (N,)."""
+    return lambda y: ravel_pytree(problem.grad(unravel(y)))[0]
+
+
 def dense_newton(name: str, model: CurvatureModel, *, c1: float, shrink: float, max_backtracks: int) -> Solver:
     """A line-searched, Levenberg-damped Newton solver over the curvature ``model``."""
 
@@ -112,11 +121,10 @@ def dense_newton(name: str, model: CurvatureModel, *, c1: float, shrink: float, 
         p, mu = damped_newton_direction(M, g)
         ls = armijo(
             lambda y: problem.loss(unravel(y)), x, state.value, g @ p, p,
-            c1=c1, shrink=shrink, max_steps=max_backtracks,
+            c1=c1, shrink=shrink, max_steps=max_backtracks, grad=flat_grad(problem, unravel),
         )
-        params = unravel(ls.x)
         inner = NewtonInner(mu.astype(state.inner.damping.dtype), model_state)
-        return advance(state, params, ls.value, problem.grad(params), inner, ls.ok)
+        return advance(state, unravel(ls.x), ls.value, unravel(ls.grad), inner, ls.ok)
 
     return Solver(name, init, step)
 

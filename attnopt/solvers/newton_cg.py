@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from attnopt.solvers.linesearch import armijo
-from attnopt.solvers.newton import _check_linesearch
+from attnopt.solvers.newton import _check_linesearch, flat_grad
 from attnopt.solvers.state import Solver, SolverState, advance, start
 
 
@@ -101,9 +101,8 @@ def newton_cg(
         p, cg_steps = truncated_cg(hvp, g, x.size if max_cg_steps is None else max_cg_steps)
         ls = armijo(
             lambda y: problem.loss(unravel(y)), x, state.value, g @ p, p,
-            c1=c1, shrink=shrink, max_steps=max_backtracks,
+            c1=c1, shrink=shrink, max_steps=max_backtracks, grad=flat_grad(problem, unravel),
         )
-        params = unravel(ls.x)
-        return advance(state, params, ls.value, problem.grad(params), NewtonCGInner(cg_steps), ls.ok)
+        return advance(state, unravel(ls.x), ls.value, unravel(ls.grad), NewtonCGInner(cg_steps), ls.ok)
 
     return Solver("newton_cg", init, step)

@@ -106,6 +106,27 @@ def all_finite(*trees) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(trees)]))
 
 
+def where_needed(pred: jax.Array, fn: Callable[..., Any], args: tuple, default: Any) -> Any:
+    """``fn(*args)`` if ``pred`` else ``default`` (same structure), evaluating ``fn`` at most once.
+
+    Under ``jax.vmap`` a ``lax.cond`` on a batched predicate becomes a select
+    that evaluates ``fn`` for every instance, always. This is a ``while_loop``
+    of at most one trip instead: batched, its body runs (for the whole batch,
+    each instance keeping its own result) only if some instance has ``pred``,
+    so it costs nothing once no instance needs ``fn``. The optimization
+    barrier ties ``args`` to the loop's carry, so that XLA's loop-invariant
+    code motion cannot hoist ``fn`` out of the loop and run it unconditionally.
+    """
+
+    def body(carry):
+        todo, _ = carry
+        _, args_ = jax.lax.optimization_barrier((todo, args))
+        return jnp.zeros_like(todo), fn(*args_)
+
+    _, out = jax.lax.while_loop(lambda carry: carry[0], body, (jnp.asarray(pred), default))
+    return out
+
+
 def start(problem, params, inner, grad=None) -> SolverState:
     """The state at ``params`` before any step: value, gradient (``problem.grad`` unless given), count 0."""
     value = problem.loss(params)

@@ -22,3 +22,5 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/derivatives.py
+	$(PY) benchmarks/solvers.py
+	$(PY) benchmarks/kronecker.py

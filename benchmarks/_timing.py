@@ -24,6 +24,8 @@ def _call(fn: Callable[[], Any]) -> None:
 
 
 def _sample(fn: Callable[[], Any], number: int) -> float:
+    """Seconds per call over ``number`` calls, after one untimed call (warm caches)."""
+    _call(fn)
     start = time.perf_counter()
     for _ in range(number):
         _call(fn)

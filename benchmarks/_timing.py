@@ -8,6 +8,8 @@ per sample so that one sample lasts at least ``min_sample_s``.
 """
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import platform
@@ -39,6 +41,15 @@ def calls_per_sample(fn: Callable[[], Any], min_sample_s: float) -> int:
         if _sample(fn, number) * number >= min_sample_s or number >= 1 << 20:
             return number
         number *= 2
+
+
+def parse_args(argv, doc: str, name: str, repeats: int) -> argparse.Namespace:
+    """The options every benchmark takes: ``--out`` (JSON path), ``--repeats``, ``--quick``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=f"benchmarks/results/{name}.json")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    return parser.parse_args(argv)
 
 
 def median_times(

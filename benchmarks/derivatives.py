@@ -11,7 +11,6 @@ every jitted function (not a closed-over constant), so XLA cannot fold the data.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -66,11 +65,7 @@ def bench(name, n, d, repeats, max_total_s):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/derivatives.json")
-    parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--quick", action="store_true", help="smallest size only, few repeats")
-    args = parser.parse_args(argv)
+    args = _timing.parse_args(argv, __doc__, "derivatives", repeats=21)
     sizes = SIZES[:1] if args.quick else SIZES
     repeats = 5 if args.quick else args.repeats
 

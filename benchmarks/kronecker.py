@@ -20,7 +20,6 @@ jitted function, so XLA cannot fold the data.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -115,11 +114,7 @@ def bench(n, d, repeats, max_total_s):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/kronecker.json")
-    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    parser.add_argument("--repeats", type=int, default=9)
-    args = parser.parse_args(argv)
+    args = _timing.parse_args(argv, __doc__, "kronecker", repeats=9)
     sizes = QUICK_SIZES if args.quick else SIZES
     repeats = 3 if args.quick else args.repeats
     info = _timing.machine()

@@ -18,7 +18,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -153,11 +152,7 @@ def batched_throughput(batch, n, d, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/solvers.json")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    args = parser.parse_args(argv)
+    args = _timing.parse_args(argv, __doc__, "solvers", repeats=7)
     n, d = (1024, 32) if args.quick else (4096, 64)
     throughput_sizes = [(32, 64, 8)] if args.quick else [(256, 256, 16), (256, 64, 8)]  # (batch, n, d); target: first
     repeats = 3 if args.quick else args.repeats

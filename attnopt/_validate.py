@@ -15,8 +15,13 @@ def is_concrete(x) -> bool:
 
 
 def float_dtype(*values):
-    """The floating dtype the arrays promote to (integers go to the default float)."""
-    dtype = jnp.result_type(*values)
+    """The floating dtype the arrays (or nested lists) promote to; integers go to the default float.
+
+    Complex data raises ValueError.
+    """
+    dtype = jnp.result_type(*(v if hasattr(v, "dtype") else jnp.asarray(v) for v in values))
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise ValueError(f"complex data is not supported, got {dtype}")
     if not jnp.issubdtype(dtype, jnp.floating):
         dtype = jnp.result_type(float)
     return dtype
@@ -31,6 +36,8 @@ def as_array(name: str, value, dtype, shape: tuple) -> jax.Array:
     if arr.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, arr.shape)):
         expected = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
         raise ValueError(f"{name} must have shape {expected}, got {tuple(arr.shape)}")
+    if arr.size == 0 and arr.ndim > 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(arr.shape)}")
     if is_concrete(arr) and not bool(np.all(np.isfinite(np.asarray(arr)))):
         raise ValueError(f"{name} contains non-finite entries (nan or inf)")
     return arr

@@ -33,6 +33,7 @@ import json
 import math
 import re
 import time
+import warnings
 import tomllib
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -168,6 +169,7 @@ def parse_config(raw: Mapping[str, Any], default_name: str = "experiment") -> Co
     if "dtype" in problem:
         raise ValueError("problem.dtype: set the dtype in [experiment], not in [problem]")
     _check_options("problem", problem, registry.GENERATORS[problem_name], skip=("key",))
+    _dry_run_problem(problem_name, problem, settings["dtype"])
 
     entries = raw.get("solvers")
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
@@ -195,6 +197,19 @@ def parse_config(raw: Mapping[str, Any], default_name: str = "experiment") -> Co
         solvers=tuple(specs),
         **{**settings, "tol": float(settings["tol"])},
     )
+
+
+def _dry_run_problem(name: str, options: Mapping[str, Any], dtype: str) -> None:
+    """Build the instance abstractly (``jax.eval_shape``: shapes only, no arithmetic), so that
+    option values the generator rejects (say n < d) fail before any work."""
+    if "dtype" in registry.options(name):
+        options = {**options, "dtype": dtype}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # float64 requested before x64 is on: irrelevant for shapes
+            jax.eval_shape(lambda key: registry.make(name, key, **options), jax.random.PRNGKey(0))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"problem: {err}") from None
 
 
 def _table(raw, section, required):
@@ -231,7 +246,10 @@ def _check_options(where: str, options: Mapping[str, Any], fn: Callable, skip: t
     for key, value in options.items():
         if key not in params:
             raise ValueError(f"{where}.{key}: unknown option; known: {sorted(params)}")
-        _check_type(f"{where}.{key}", value, _option_types(params[key]))
+        types = _option_types(params[key])
+        if not types:
+            raise ValueError(f"{where}.{key}: cannot be set from a config")
+        _check_type(f"{where}.{key}", value, types)
     for key, p in params.items():
         if p.default is inspect.Parameter.empty and key not in options:
             raise ValueError(f"{where}.{key}: missing required option")

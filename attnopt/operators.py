@@ -118,7 +118,8 @@ class KroneckerOperator(NamedTuple):
 
         The sum over j runs in a ``lax.scan`` over ``row_block`` rows of A1 at a
         time (zero-padded): each block is two plain GEMMs on materialised
-        operands, and the working memory is O(row_block (m2 + d1^2 + d2^2)).
+        operands. Memory: O(m1 d2^2) for the low-rank rows, O(row_block (m2 + d1^2 +
+        d2^2)) per block, and the (d1 d2)^2 result.
         """
         (m1, d1), (m2, d2) = self.A1.shape, self.A2.shape
         self._check_blocks(B)

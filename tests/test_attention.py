@@ -9,7 +9,6 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import attnopt
-import attnopt.problems.matrix  # noqa: F401  (registers the matrix generators for `attnopt check`)
 from attnopt import cli
 from attnopt.problems.attention import AttentionParams, AttentionRegression
 from attnopt.problems.registry import make

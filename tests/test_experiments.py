@@ -96,6 +96,7 @@ BAD = [
     (("solvers", 1, "learning_rate"), ..., r"solvers\[1\].learning_rate"),
     (("solvers", 1, "nesterov"), 1, r"solvers\[1\].nesterov"),
     (("solvers", 1, "label"), "newton", r"solvers\[1\].label"),
+    (("problem", "d"), 99, "problem: conditioned_matrix needs n >= d"),  # a value only the generator rejects
 ]
 
 
@@ -103,6 +104,12 @@ BAD = [
 def test_bad_config_names_the_key(no_solve, path, value, key):
     with pytest.raises(ValueError, match=rf"^{key}\b"):
         experiments.parse_config(with_change(path, value))
+
+
+def test_option_that_a_config_cannot_give_is_named(no_solve):
+    config = with_change(("solvers", 1), {"name": "lbfgs", "linesearch": 1})
+    with pytest.raises(ValueError, match=r"solvers\[1\].linesearch: cannot be set from a config"):
+        experiments.parse_config(config)
 
 
 def test_bad_toml_file_fails_before_any_solve(no_solve, tmp_path):

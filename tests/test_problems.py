@@ -139,6 +139,8 @@ BAD_INPUTS = [
     (dict(reg=jnp.ones((6, 1))), r"reg .* must have shape \(6,\)"),
     (dict(ridge=-1.0), "ridge must be nonnegative"),
     (dict(ridge=jnp.ones(2)), r"ridge must have shape \(\)"),
+    (dict(A=jnp.ones((6, 3)) * 1j), "complex data is not supported"),
+    (dict(A=jnp.ones((6, 0))), "A must not be empty"),
 ]
 
 
@@ -148,6 +150,13 @@ def test_bad_input_raises_value_error(cls, bad, message):
     kwargs = dict(A=jnp.ones((6, 3)), b=jnp.ones(6) / 6, reg=0.0, ridge=0.0) | bad
     with pytest.raises(ValueError, match=message):
         cls(**kwargs)
+
+
+def test_nested_lists_are_accepted_like_arrays():
+    A = [[1.0, 2.0], [3.0, 4.0], [0.5, -1.0]]
+    problem = attnopt.SoftmaxRegression(A, [0.2, 0.3, 0.5])
+    np.testing.assert_array_equal(problem.A, np.asarray(A))
+    assert np.isfinite(problem.loss(jnp.zeros(2)))
 
 
 def test_unknown_link_and_wrong_params_shape():

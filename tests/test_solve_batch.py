@@ -32,7 +32,8 @@ def test_vmapped_solve_equals_single_solves(solver):
     for k, inst in enumerate(insts):
         single = run(inst.problem, x0s[k])
         chex.assert_trees_all_close(jax.tree.map(lambda leaf: leaf[k], batched), single, rtol=1e-12, atol=1e-14)
-    assert len(set(batched.steps.tolist())) > 1 or solver.name == "optax"
+    if solver.name != "optax":  # the starts differ, so Newton instances stop after different step counts
+        assert len(set(batched.steps.tolist())) > 1
 
 
 def test_vmap_over_starts_only_and_over_tolerances():

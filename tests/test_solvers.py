@@ -142,6 +142,31 @@ def test_nonfinite_start_and_data(solver):
         assert int(result.steps) == 0 and not bool(result.converged)
 
 
+class _NaNCurvature(SoftmaxRegression):
+    """A problem whose curvature is NaN while its loss and gradient are finite."""
+
+    def hessian(self, x):
+        return jnp.full((x.size, x.size), jnp.nan)
+
+    def hessian_operator(self, x):
+        return lambda v: jnp.full_like(v, jnp.nan)
+
+
+@pytest.mark.parametrize("solver", [newton(), newton_cg(), regularized_newton()], ids=lambda s: s.name)
+def test_nonfinite_curvature_is_nonfinite_not_linesearch_failure(solver):
+    inst = instance(n=32)
+    p = _NaNCurvature(inst.problem.A, inst.problem.b, inst.problem.reg, inst.problem.ridge)
+    result = solve(p, inst.x0 + 0.3, solver, max_steps=5)
+    assert Status(int(result.status)) == Status.NONFINITE and not bool(result.converged)
+    np.testing.assert_array_equal(result.state.params, inst.x0 + 0.3)
+
+
+def test_equal_options_give_the_same_solver():
+    assert newton() is newton(c1=1e-4) is newton(c1=1e-4, shrink=0.5)
+    assert regularized_newton(1.0) is regularized_newton(gamma=1.0)
+    assert newton() is not newton(c1=1e-3)
+
+
 def test_nonfinite_outside_domain():
     """ResNet normaliser <= 0 at the start, and exp overflow during a step."""
     resnet = ResNetSoftmaxRegression(jnp.ones((3, 1)), jnp.full(3, 1 / 3))
@@ -189,6 +214,8 @@ def test_step_keeps_state_structure_under_cond():
         chex.assert_trees_all_equal_structs(state, stepped)
         chex.assert_trees_all_equal_shapes_and_dtypes(state, stepped)
         assert type(stepped) is SolverState and stepped.params.dtype == jnp.float32
+        # No float64 outside the solver-specific slot (optax's own lbfgs state holds some under x64).
+        assert all(leaf.dtype != jnp.float64 for leaf in jax.tree.leaves(stepped._replace(inner=None))), solver.name
         assert int(stepped.count) == 1 and not np.array_equal(stepped.params, state.params), solver.name
 
 

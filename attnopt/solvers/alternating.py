@@ -25,14 +25,13 @@ or ``hessian_x(params)`` (block), as
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 
-from attnopt.solvers.linesearch import armijo
-from attnopt.solvers.newton import NewtonInner, _check_linesearch, damped_newton_direction
-from attnopt.solvers.state import Solver, SolverState, advance, require, start
+from attnopt.solvers.linesearch import armijo, check_linesearch
+from attnopt.solvers.newton import NewtonInner, damped_newton_direction
+from attnopt.solvers.state import Solver, SolverState, advance, cached_solver, require, start
 
 _NAME = "alternating"
 
@@ -61,7 +60,7 @@ def _block_hessian(problem, params):
 _CURVATURES = {"reduced": ("hessian", _reduced_hessian), "block": ("hessian_x", _block_hessian)}
 
 
-@functools.cache
+@cached_solver
 def alternating(
     *, hessian: str = "reduced", c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40
 ) -> Solver:
@@ -81,7 +80,7 @@ def alternating(
     """
     if hessian not in _CURVATURES:
         raise ValueError(f"hessian must be one of {sorted(_CURVATURES)}, got {hessian!r}")
-    _check_linesearch(c1, shrink, max_backtracks)
+    check_linesearch(c1, shrink, max_backtracks)
     method, curvature = _CURVATURES[hessian]
 
     def check(problem):
@@ -109,6 +108,6 @@ def alternating(
         )
         params = with_best_y(problem, like, ls.x.reshape(X.shape))
         inner = NewtonInner(mu.astype(state.inner.damping.dtype), None)
-        return advance(state, params, ls.value, problem.grad(params), inner, ls.ok)
+        return advance(state, params, ls.value, problem.grad(params), inner, ls.ok, ls.finite)
 
     return Solver(_NAME if hessian == "reduced" else f"{_NAME}_{hessian}", init, step)

@@ -14,14 +14,14 @@ regularised instance). Cost O(n d k + m d^2 + d^3) instead of O(n d^2).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-from attnopt.solvers.newton import CurvatureModel, _check_linesearch, dense_newton
-from attnopt.solvers.state import Solver, require
+from attnopt.solvers.linesearch import check_linesearch
+from attnopt.solvers.newton import CurvatureModel, dense_newton
+from attnopt.solvers.state import Solver, cached_solver, require
 
 
 def sample_count(n: int, d: int, eps: float, oversample: float) -> int:
@@ -91,7 +91,7 @@ def sketched(eps: float, seed: int = 0, oversample: float = 4.0) -> CurvatureMod
     return CurvatureModel("sketched_hessian", init, matrix)
 
 
-@functools.cache
+@cached_solver
 def approx_newton(
     eps: float = 0.5, seed: int = 0, *, oversample: float = 4.0,
     c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40,
@@ -107,6 +107,6 @@ def approx_newton(
     Needs a problem with ``A``, ``curvature(x)`` (a DiagPlusLowRank) and ``ridge``.
     Converges linearly at rate about eps near the optimum.
     """
-    _check_linesearch(c1, shrink, max_backtracks)
+    check_linesearch(c1, shrink, max_backtracks)
     model = sketched(eps, seed, oversample)
     return dense_newton("approx_newton", model, c1=c1, shrink=shrink, max_backtracks=max_backtracks)

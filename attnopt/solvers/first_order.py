@@ -1,7 +1,6 @@
 """Any optax optimiser as an attnopt solver."""
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,6 @@ def _value_and_grad(problem, params, opt_state):
     )
 
 
-@functools.cache
 def optax(tx: _optax.GradientTransformation, name: str = "optax") -> Solver:
     """Run an optax transformation: ``updates, s = tx.update(g, s, x, value=f, grad=g, value_fn=loss)``.
 

@@ -11,12 +11,14 @@ from attnopt.solvers.state import where_needed
 
 class LineSearchResult(NamedTuple):
     """Step length t, the point x + t p, its loss, whether the Armijo test passed,
-    and the gradient at x + t p (None unless :func:`armijo` was given ``grad``)."""
+    whether the direction p was finite, and the gradient at x + t p (None unless
+    :func:`armijo` was given ``grad``)."""
 
     t: jax.Array
     x: jax.Array
     value: jax.Array
     ok: jax.Array
+    finite: jax.Array
     grad: jax.Array | None = None
 
 
@@ -70,4 +72,14 @@ def armijo(loss, x, value, slope, direction, *, c1=1e-4, shrink=0.5, max_steps=4
     x1, f1, ok1 = trial(t0)
     _, t, x_t, f_t, ok = jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), t0, x1, f1, ok1))
     g_t = None if grad is None else where_needed(t < 1, grad, (x_t,), grad(x1))
-    return LineSearchResult(t, x_t, f_t, ok, g_t)
+    return LineSearchResult(t, x_t, f_t, ok, jnp.all(jnp.isfinite(direction)), g_t)
+
+
+def check_linesearch(c1, shrink, max_backtracks) -> None:
+    """Raise ValueError unless 0 < c1 < 1/2, 0 < shrink < 1 and max_backtracks >= 1."""
+    if not 0 < c1 < 0.5:
+        raise ValueError(f"c1 must be in (0, 1/2), got {c1}")
+    if not 0 < shrink < 1:
+        raise ValueError(f"shrink must be in (0, 1), got {shrink}")
+    if int(max_backtracks) < 1:
+        raise ValueError(f"max_backtracks must be >= 1, got {max_backtracks}")

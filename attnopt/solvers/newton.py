@@ -11,15 +11,14 @@ Params may be any pytree; the matrix is in ``jax.flatten_util.ravel_pytree`` ord
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from attnopt.solvers.linesearch import armijo
-from attnopt.solvers.state import Solver, SolverState, advance, require, start
+from attnopt.solvers.linesearch import armijo, check_linesearch
+from attnopt.solvers.state import Solver, SolverState, advance, cached_solver, require, start
 
 
 class CurvatureModel(NamedTuple):
@@ -124,12 +123,12 @@ def dense_newton(name: str, model: CurvatureModel, *, c1: float, shrink: float, 
             c1=c1, shrink=shrink, max_steps=max_backtracks, grad=flat_grad(problem, unravel),
         )
         inner = NewtonInner(mu.astype(state.inner.damping.dtype), model_state)
-        return advance(state, unravel(ls.x), ls.value, unravel(ls.grad), inner, ls.ok)
+        return advance(state, unravel(ls.x), ls.value, unravel(ls.grad), inner, ls.ok, ls.finite)
 
     return Solver(name, init, step)
 
 
-@functools.cache
+@cached_solver
 def newton(*, c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40) -> Solver:
     """Exact Newton: ``problem.hessian`` (Levenberg-damped where not PD) with Armijo backtracking.
 
@@ -140,24 +139,15 @@ def newton(*, c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40) -
 
     Converges quadratically near a minimiser with a positive definite Hessian.
     """
-    _check_linesearch(c1, shrink, max_backtracks)
+    check_linesearch(c1, shrink, max_backtracks)
     return dense_newton("newton", EXACT, c1=c1, shrink=shrink, max_backtracks=max_backtracks)
 
 
-@functools.cache
+@cached_solver
 def gauss_newton(*, c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40) -> Solver:
     """Gauss-Newton: the PSD ``problem.gauss_newton_matrix`` (MATH.md section 1) with Armijo backtracking.
 
     Args as in :func:`newton`. Quadratic on zero-residual problems, linear otherwise.
     """
-    _check_linesearch(c1, shrink, max_backtracks)
+    check_linesearch(c1, shrink, max_backtracks)
     return dense_newton("gauss_newton", GAUSS_NEWTON, c1=c1, shrink=shrink, max_backtracks=max_backtracks)
-
-
-def _check_linesearch(c1, shrink, max_backtracks):
-    if not 0 < c1 < 0.5:
-        raise ValueError(f"c1 must be in (0, 1/2), got {c1}")
-    if not 0 < shrink < 1:
-        raise ValueError(f"shrink must be in (0, 1), got {shrink}")
-    if int(max_backtracks) < 1:
-        raise ValueError(f"max_backtracks must be >= 1, got {max_backtracks}")

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from attnopt.solvers.linesearch import armijo
-from attnopt.solvers.newton import _check_linesearch, flat_grad
-from attnopt.solvers.state import Solver, SolverState, advance, start
+from attnopt.solvers.linesearch import armijo, check_linesearch
+from attnopt.solvers.newton import flat_grad
+from attnopt.solvers.state import Solver, SolverState, advance, cached_solver, start
 
 
 class NewtonCGInner(NamedTuple):
@@ -72,7 +72,7 @@ def truncated_cg(hvp, g, max_iters: int):
     return p, j
 
 
-@functools.cache
+@cached_solver
 def newton_cg(
     *, max_cg_steps: int | None = None, c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40
 ) -> Solver:
@@ -82,7 +82,7 @@ def newton_cg(
       max_cg_steps: CG iterations per step (default: the number of parameters N).
       c1, shrink, max_backtracks: the line search, as in :func:`attnopt.solvers.newton`.
     """
-    _check_linesearch(c1, shrink, max_backtracks)
+    check_linesearch(c1, shrink, max_backtracks)
     if max_cg_steps is not None and int(max_cg_steps) < 1:
         raise ValueError(f"max_cg_steps must be >= 1, got {max_cg_steps}")
 
@@ -103,6 +103,6 @@ def newton_cg(
             lambda y: problem.loss(unravel(y)), x, state.value, g @ p, p,
             c1=c1, shrink=shrink, max_steps=max_backtracks, grad=flat_grad(problem, unravel),
         )
-        return advance(state, unravel(ls.x), ls.value, unravel(ls.grad), NewtonCGInner(cg_steps), ls.ok)
+        return advance(state, unravel(ls.x), ls.value, unravel(ls.grad), NewtonCGInner(cg_steps), ls.ok, ls.finite)
 
     return Solver("newton_cg", init, step)

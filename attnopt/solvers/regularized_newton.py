@@ -10,7 +10,6 @@ If H + lam I is not positive definite lam is raised further (Levenberg).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -20,7 +19,7 @@ from jax.flatten_util import ravel_pytree
 from attnopt.solvers.approx_newton import sketched
 from attnopt.solvers.linesearch import value_noise
 from attnopt.solvers.newton import EXACT, levenberg_cholesky
-from attnopt.solvers.state import Solver, SolverState, advance, start, tree_norm
+from attnopt.solvers.state import Solver, SolverState, advance, cached_solver, start, tree_norm
 
 
 class RegularizedNewtonInner(NamedTuple):
@@ -30,7 +29,7 @@ class RegularizedNewtonInner(NamedTuple):
     model: Any
 
 
-@functools.cache
+@cached_solver
 def regularized_newton(
     gamma: float = 1.0, *, eps: float | None = None, seed: int = 0, oversample: float = 4.0, max_tries: int = 50
 ) -> Solver:
@@ -82,6 +81,6 @@ def regularized_newton(
             cond, body, (jnp.ones((), jnp.int32), gamma0, *attempt(gamma0))
         )
         inner = RegularizedNewtonInner(jnp.where(ok, 2 * gamma, gamma), model_state)
-        return advance(state, params, value, grad, inner, ok)
+        return advance(state, params, value, grad, inner, ok, jnp.all(jnp.isfinite(H)))
 
     return Solver("regularized_newton", init, step)

@@ -13,6 +13,8 @@ runs any solver.
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -59,8 +61,10 @@ class SolverState(NamedTuple):
 class Solver(NamedTuple):
     """A named ``(init, step)`` pair; hashable, so it can be a static argument of ``jax.jit``.
 
-    Constructors are cached: calling one twice with the same options returns
-    the same solver, so a solve is compiled once per solver configuration.
+    Constructors are cached (:func:`cached_solver`): calling one twice with the
+    same options returns the same solver, so a solve is compiled once per solver
+    configuration. ``attnopt.solvers.optax(tx)`` is the exception: build it once
+    and reuse it, since every ``optax.adam(...)`` call makes a new transformation.
     """
 
     name: str
@@ -88,6 +92,24 @@ class Sealed:
 
     def __repr__(self):
         return f"Sealed({self.content!r})"
+
+
+def cached_solver(constructor):
+    """Cache a solver constructor on its arguments with defaults applied.
+
+    ``newton()`` and ``newton(c1=1e-4)`` then return the same :class:`Solver`,
+    so ``solve`` compiles once per solver configuration. Arguments must be hashable.
+    """
+    signature = inspect.signature(constructor)
+    build = functools.cache(constructor)
+
+    @functools.wraps(constructor)
+    def cached(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return build(*bound.args, **bound.kwargs)
+
+    return cached
 
 
 def require(problem, method: str, solver: str) -> None:
@@ -141,9 +163,14 @@ def start(problem, params, inner, grad=None) -> SolverState:
     )
 
 
-def advance(state: SolverState, params, value, grad, inner, accepted=True) -> SolverState:
-    """The state after one step to ``params``; if ``accepted`` is False the iterate is kept and
-    the status becomes ``LINESEARCH_FAILED``. ``accepted`` may be a traced bool."""
+def advance(state: SolverState, params, value, grad, inner, accepted=True, finite=True) -> SolverState:
+    """The state after one step to ``params``.
+
+    If ``accepted`` is False the iterate is kept and the status becomes
+    ``LINESEARCH_FAILED``; if ``finite`` is False (the step's curvature model or
+    direction was not finite) the iterate is kept and the status becomes
+    ``NONFINITE``. Both may be traced bools."""
+    accepted = jnp.asarray(accepted) & jnp.asarray(finite)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(accepted, n, o), new, old)
     params, value, grad = keep((params, value, grad), (state.params, state.value, state.grad))
     step = jax.tree.map(jnp.subtract, params, state.params)
@@ -153,7 +180,7 @@ def advance(state: SolverState, params, value, grad, inner, accepted=True) -> So
         value=value,
         grad=grad,
         count=state.count + 1,
-        status=jnp.where(accepted, state.status, failed),
+        status=jnp.where(finite, jnp.where(accepted, state.status, failed), jnp.int32(Status.NONFINITE)),
         step_size=tree_norm(step).astype(state.step_size.dtype),
         inner=inner,
     )

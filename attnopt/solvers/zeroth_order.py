@@ -9,14 +9,13 @@ holds the estimate g^, so the driver's tolerance test and the trace use it
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from attnopt.solvers.state import Solver, SolverState, advance, start
+from attnopt.solvers.state import Solver, SolverState, advance, cached_solver, start
 
 
 class ZerothOrderInner(NamedTuple):
@@ -36,7 +35,7 @@ def spsa_gradient(loss, x, key, num_directions: int, smoothing=None) -> jax.Arra
     return (differences / (2 * mu)) @ z / num_directions
 
 
-@functools.cache
+@cached_solver
 def zeroth_order(
     learning_rate: float | Callable = 0.1, *, num_directions: int = 8, smoothing: float | None = None, seed: int = 0
 ) -> Solver:

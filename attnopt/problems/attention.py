@@ -97,7 +97,7 @@ class AttentionRegression(Problem):
         """The shapes ``((d1, d2), (d3, m))`` of X and Y."""
         return AttentionParams(self.operator.in_shape, (self.A3.shape[1], self.B.shape[1]))
 
-    def _split(self, params, name="params"):
+    def split_params(self, params, name="params"):
         """(X, Y) from a pair, shape-checked, and a function rebuilding params' structure."""
         leaves, treedef = jax.tree.flatten(params)
         if len(leaves) != 2:
@@ -119,22 +119,22 @@ class AttentionRegression(Problem):
     @jax.jit
     def loss(self, params):
         """Scalar loss ``1/2 ||F A3 Y - B||_F^2``."""
-        X, Y, _ = self._split(params)
+        X, Y, _ = self.split_params(params)
         _, _, C = self._forward(X, Y)
         return 0.5 * jnp.sum(C * C)
 
     @jax.jit
     def grad(self, params):
         """Gradient, like params: ``(A1^T S(C H^T) A2, (F A3)^T C)``."""
-        X, Y, like = self._split(params)
+        X, Y, like = self.split_params(params)
         F, H, C = self._forward(X, Y)
         return like(self.operator.rmv(softmax_jvp(F, C @ H.T)), self.A3.T @ (F.T @ C))
 
     @jax.jit
     def hvp(self, params, v):
         """Hessian-vector product in direction v = (V, W), like params, O(n n2 d)."""
-        X, Y, like = self._split(params)
-        V, W, _ = self._split(v, "v")
+        X, Y, like = self.split_params(params)
+        V, W, _ = self.split_params(v, "v")
         F, H, C = self._forward(X, Y)
         Q = C @ H.T
         dF = softmax_jvp(F, self.operator.mv(V))
@@ -167,7 +167,7 @@ class AttentionRegression(Problem):
     @jax.jit
     def hessian_x(self, params):
         """The XX block (d1*d2, d1*d2) of the Hessian, row-major vec of X, O(n n2 d^2 + n d^4)."""
-        X, Y, _ = self._split(params)
+        X, Y, _ = self.split_params(params)
         F, H, C = self._forward(X, Y)
         return self.operator.sandwich(self._x_curvature(F, C @ H.T, softmax_jacobians_times(F, H)))
 
@@ -179,7 +179,7 @@ class AttentionRegression(Problem):
         X, the last d3*m are Y, each block row-major (``X.reshape(-1)``,
         ``Y.reshape(-1)``). YY = ``(F A3)^T (F A3) ⊗ I_m``.
         """
-        X, Y, _ = self._split(params)
+        X, Y, _ = self.split_params(params)
         F, H, C = self._forward(X, Y)
         P = F @ self.A3
         SH = softmax_jacobians_times(F, H)

@@ -44,12 +44,12 @@ class LinkRegression(Problem):
         )
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """(n, d) of A."""
-        return self.A.shape[-2:]
+    def params_shape(self) -> tuple[int]:
+        """(d,), the shape of x."""
+        return self.A.shape[-1:]
 
     def _check_params(self, x):
-        _validate.params_shape("x", x, self.A.shape[1:])
+        _validate.params_shape("x", x, self.params_shape)
 
     def in_domain(self, x) -> jax.Array:
         """Whether the link formulas are defined at x (bool scalar)."""
@@ -85,11 +85,20 @@ class LinkRegression(Problem):
         z = self.A @ x
         return nan_outside(self.link.in_domain(z), self.link.gauss_newton(z, self.b).add_diag(self.reg**2))
 
+    def _apply(self, B: DiagPlusLowRank, v):
+        """``A^T B A v + λ v`` for v (d,), O(nd)."""
+        _validate.params_shape("v", v, self.params_shape)
+        return B.mv(self.A @ v) @ self.A + self.ridge * v
+
+    def _assemble(self, B: DiagPlusLowRank):
+        """``A^T B A + λ I`` (d, d): one ``A^T diag(.) A`` product plus a rank-2 term, O(nd^2)."""
+        return B.sandwich(self.A) + self.ridge * jnp.eye(self.A.shape[-1], dtype=self.A.dtype)
+
     def hessian_operator(self, x):
         """``v -> H v`` with B computed once at x: for many HVPs at one point (CG), O(nd) each."""
         self._check_params(x)
-        A, B, ridge = self.A, self.curvature(x), self.ridge
-        return lambda v: B.mv(A @ v) @ A + ridge * v
+        B = self.curvature(x)
+        return lambda v: self._apply(B, v)
 
     @jax.jit
     def hvp(self, x, v):
@@ -100,19 +109,19 @@ class LinkRegression(Problem):
     def hessian(self, x):
         """Hessian (d, d): ``A^T B A + λ I`` assembled from B's diagonal-plus-rank-2 form, O(nd^2)."""
         self._check_params(x)
-        d = self.A.shape[-1]
-        return self.curvature(x).sandwich(self.A) + self.ridge * jnp.eye(d, dtype=self.A.dtype)
+        return self._assemble(self.curvature(x))
 
     @jax.jit
     def gauss_newton_hvp(self, x, v):
         """``A^T (J^T J + diag(w^2)) A v + λ v`` (always PSD)."""
-        return self.gauss_newton_curvature(x).mv(self.A @ v) @ self.A + self.ridge * v
+        self._check_params(x)
+        return self._apply(self.gauss_newton_curvature(x), v)
 
     @jax.jit
     def gauss_newton_matrix(self, x):
         """Gauss-Newton matrix (d, d), PSD."""
-        d = self.A.shape[-1]
-        return self.gauss_newton_curvature(x).sandwich(self.A) + self.ridge * jnp.eye(d, dtype=self.A.dtype)
+        self._check_params(x)
+        return self._assemble(self.gauss_newton_curvature(x))
 
 
 class SoftmaxRegression(LinkRegression):

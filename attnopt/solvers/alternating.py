@@ -36,18 +36,10 @@ from attnopt.solvers.state import Solver, SolverState, advance, cached_solver, r
 _NAME = "alternating"
 
 
-def _pair(params):
-    """(X, Y) and a function rebuilding params' structure from a new pair."""
-    leaves, treedef = jax.tree.flatten(params)
-    if len(leaves) != 2:
-        raise ValueError(f"solver {_NAME!r} needs params that are a pair (X, Y), got {len(leaves)} leaves")
-    return leaves[0], leaves[1], lambda X, Y: jax.tree.unflatten(treedef, [X, Y])
-
-
 def _reduced_hessian(problem, params):
     """The Schur complement ``H_XX - H_XY H_YY^+ H_YX`` of the full Hessian (ravel order X then Y)."""
     H = problem.hessian(params)
-    nx = _pair(params)[0].size
+    nx = problem.split_params(params)[0].size
     Hxx, Hxy, Hyy = H[:nx, :nx], H[:nx, nx:], H[nx:, nx:]
     M = Hxx - Hxy @ jnp.linalg.pinv(Hyy, hermitian=True) @ Hxy.T
     return 0.5 * (M + M.T)
@@ -84,7 +76,7 @@ def alternating(
     method, curvature = _CURVATURES[hessian]
 
     def check(problem):
-        for name in ("solve_y", method):
+        for name in ("solve_y", "split_params", method):
             require(problem, name, _NAME)
 
     def with_best_y(problem, like, X):
@@ -92,14 +84,14 @@ def alternating(
 
     def init(problem, params) -> SolverState:
         check(problem)
-        X, _, like = _pair(params)
+        X, _, like = problem.split_params(params)
         state = start(problem, with_best_y(problem, like, X), inner=None)
         return state._replace(inner=NewtonInner(jnp.zeros_like(state.value), None))
 
     def step(problem, state: SolverState) -> SolverState:
         check(problem)
-        X, _, like = _pair(state.params)
-        gX, _, _ = _pair(state.grad)
+        X, _, like = problem.split_params(state.params)
+        gX, _, _ = problem.split_params(state.grad, "grad")
         g = gX.reshape(-1)
         p, mu = damped_newton_direction(curvature(problem, state.params), g)
         ls = armijo(

@@ -29,8 +29,12 @@ class DiagPlusLowRank(NamedTuple):
 
     def sandwich(self, A: jax.Array) -> jax.Array:
         """``A^T B A`` for A (n, d) in O(n d^2): one ``A^T diag(.) A`` product plus a rank-k term."""
+        return (A.T * self.diag) @ A + self.low_rank_sandwich(A)
+
+    def low_rank_sandwich(self, A: jax.Array) -> jax.Array:
+        """``(A^T U) M (A^T U)^T``, the low-rank part of :meth:`sandwich`, (d, d) in O(n d k)."""
         UA = self.U.T @ A
-        return (A.T * self.diag) @ A + UA.T @ self.M @ UA
+        return UA.T @ self.M @ UA
 
     def add_diag(self, extra: jax.Array) -> "DiagPlusLowRank":
         return self._replace(diag=self.diag + extra)

@@ -58,11 +58,10 @@ def sketched_hessian(problem, x, key, eps: float, oversample: float = 4.0) -> ja
         require(problem, attribute, "approx_newton")
     A, B = problem.A, problem.curvature(x)
     n, d = A.shape
-    AU = A.T @ B.U
-    exact_low_rank = AU @ B.M @ AU.T + problem.ridge * jnp.eye(d, dtype=A.dtype)
+    ridge = problem.ridge * jnp.eye(d, dtype=A.dtype)
     m = sample_count(n, d, eps, oversample)
     if m >= n:
-        return (A.T * B.diag) @ A + exact_low_rank
+        return B.sandwich(A) + ridge
     k_scores, k_sample = jax.random.split(key)
     scores = leverage_scores(k_scores, jnp.sqrt(jnp.abs(B.diag))[:, None] * A, problem.ridge)
     total = jnp.sum(scores)
@@ -70,7 +69,7 @@ def sketched_hessian(problem, x, key, eps: float, oversample: float = 4.0) -> ja
     rows = jax.random.choice(k_sample, n, (m,), p=prob)
     weights = B.diag[rows] / (m * prob[rows])
     A_rows = A[rows]
-    return (A_rows.T * weights) @ A_rows + exact_low_rank
+    return (A_rows.T * weights) @ A_rows + B.low_rank_sandwich(A) + ridge
 
 
 def sketched(eps: float, seed: int = 0, oversample: float = 4.0) -> CurvatureModel:

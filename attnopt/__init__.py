@@ -16,7 +16,7 @@ from attnopt.problems import (
     make,
     stack,
 )
-from attnopt.solvers import SolveResult, SolverState, Status, Trace, solve, solve_batch
+from attnopt.solvers import SolveError, SolveResult, SolverState, Status, Trace, solve, solve_batch
 from attnopt.verify import DerivativeReport, check_derivatives
 
 __version__ = "0.1.0"

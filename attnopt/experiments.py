@@ -39,21 +39,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 
+from attnopt import solvers
 from attnopt.problems import registry
 
-# solver name -> (module, constructor); optax ones are wrapped with attnopt.solvers.optax.
-_ATTNOPT_SOLVERS = {
-    "newton": ("attnopt.solvers", "newton"),
-    "newton_cg": ("attnopt.solvers", "newton_cg"),
-    "gauss_newton": ("attnopt.solvers", "gauss_newton"),
-    "approx_newton": ("attnopt.solvers", "approx_newton"),
-    "regularized_newton": ("attnopt.solvers", "regularized_newton"),
-    "zeroth_order": ("attnopt.solvers", "zeroth_order"),
-    "alternating": ("attnopt.solvers.alternating", "alternating"),
-}
-_OPTAX_SOLVERS = ("adam", "sgd", "lbfgs")
-SOLVERS = tuple(_ATTNOPT_SOLVERS) + _OPTAX_SOLVERS
+SOLVERS = solvers.names()
 
 _SCHEMA = {
     # key: (allowed types, default)
@@ -105,8 +96,8 @@ class Config:
 class SolverRun:
     """Outcome of one solver: status, final loss and gradient norm, timings, and the trace.
 
-    ``trace`` holds lists ``loss``, ``grad_norm`` and ``step_size`` with the
-    ``steps + 1`` recorded entries (entry 0 = the start). ``wall_s`` is the
+    ``trace`` holds lists ``step``, ``loss``, ``grad_norm``, ``step_size`` and
+    ``line_search`` with the recorded entries (step 0 = the start). ``wall_s`` is the
     timed (second, compiled) solve; ``warmup_s`` the first one, compilation included.
     """
 
@@ -169,7 +160,7 @@ def parse_config(raw: Mapping[str, Any], default_name: str = "experiment") -> Co
     if "dtype" in problem:
         raise ValueError("problem.dtype: set the dtype in [experiment], not in [problem]")
     _check_options("problem", problem, registry.GENERATORS[problem_name], skip=("key",))
-    _dry_run_problem(problem_name, problem, settings["dtype"])
+    abstract = _dry_run_problem(problem_name, problem, settings["dtype"])
 
     entries = raw.get("solvers")
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
@@ -183,10 +174,10 @@ def parse_config(raw: Mapping[str, Any], default_name: str = "experiment") -> Co
         _check_type(f"{where}.label", label, (str,))
         if label in {s.label for s in specs}:
             raise ValueError(f"{where}.label: {label!r} is used twice; give each run a unique label")
-        _check_options(where, entry, _constructor(name))
+        _check_options(where, entry, solvers.constructor(name))
         spec = SolverSpec(label, name, entry)
         try:
-            make_solver(spec)
+            solvers.capabilities.check(abstract.problem, make_solver(spec))
         except (ValueError, TypeError) as err:
             raise ValueError(f"{where}: {err}") from None
         specs.append(spec)
@@ -199,15 +190,15 @@ def parse_config(raw: Mapping[str, Any], default_name: str = "experiment") -> Co
     )
 
 
-def _dry_run_problem(name: str, options: Mapping[str, Any], dtype: str) -> None:
+def _dry_run_problem(name: str, options: Mapping[str, Any], dtype: str) -> registry.Instance:
     """Build the instance abstractly (``jax.eval_shape``: shapes only, no arithmetic), so that
-    option values the generator rejects (say n < d) fail before any work."""
+    option values the generator rejects (say n < d) fail before any work; returns it."""
     if "dtype" in registry.options(name):
         options = {**options, "dtype": dtype}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # float64 requested before x64 is on: irrelevant for shapes
-            jax.eval_shape(lambda key: registry.make(name, key, **options), jax.random.PRNGKey(0))
+            return jax.eval_shape(lambda key: registry.make(name, key, **options), jax.random.PRNGKey(0))
     except (ValueError, TypeError) as err:
         raise ValueError(f"problem: {err}") from None
 
@@ -246,6 +237,8 @@ def _check_options(where: str, options: Mapping[str, Any], fn: Callable, skip: t
     for key, value in options.items():
         if key not in params:
             raise ValueError(f"{where}.{key}: unknown option; known: {sorted(params)}")
+        if isinstance(value, (dict, list)):  # a schedule or a chain: checked when the solver is built
+            continue
         types = _option_types(params[key])
         if not types:
             raise ValueError(f"{where}.{key}: cannot be set from a config")
@@ -273,23 +266,9 @@ def _option_types(p: inspect.Parameter) -> tuple[type, ...]:
 # --------------------------------------------------------------------------- solvers
 
 
-def _constructor(name: str) -> Callable:
-    if name in _OPTAX_SOLVERS:
-        import optax
-
-        return getattr(optax, name)
-    module, attr = _ATTNOPT_SOLVERS[name]
-    return getattr(__import__(module, fromlist=[attr]), attr)
-
-
 def make_solver(spec: SolverSpec):
-    """The :class:`attnopt.solvers.Solver` of a spec; optax optimisers go through ``attnopt.solvers.optax``."""
-    build = _constructor(spec.name)
-    if spec.name in _OPTAX_SOLVERS:
-        from attnopt.solvers import optax as optax_solver
-
-        return optax_solver(build(**spec.options), name=spec.name)
-    return build(**spec.options)
+    """The :class:`attnopt.solvers.Solver` of a spec, by name through :func:`attnopt.solvers.get`."""
+    return solvers.get(spec.name, **spec.options)
 
 
 # --------------------------------------------------------------------------- running
@@ -334,7 +313,9 @@ def run(config: Config, out_dir: str | Path | None = None, *, log: Callable[[str
         result = solve_once()
         wall = time.perf_counter() - start
         steps = int(result.steps)
-        trace = {k: _floats(v[: steps + 1]) for k, v in result.trace._asdict().items()}
+        recorded = np.asarray(result.trace.step) >= 0
+        trace = {k: _floats(np.asarray(v)[recorded]) for k, v in result.trace._asdict().items() if k != "metrics"}
+        trace["step"] = [int(k) for k in np.asarray(result.trace.step)[recorded]]
         runs.append(SolverRun(
             label=spec.label,
             solver=spec.name,
@@ -390,7 +371,7 @@ def plot_convergence(path: Path, runs: list[SolverRun], title: str = "") -> None
     fig = Figure(figsize=(11, 7), layout="constrained")
     axes = fig.subplots(2, 2, sharey="row")
     for run_ in runs:
-        steps = range(len(run_.trace["loss"]))
+        steps = run_.trace["step"]
         times = [k * run_.wall_s / max(run_.steps, 1) for k in steps]
         for row, (key, shift) in enumerate((("loss", best), ("grad_norm", 0.0))):
             ys = [float("nan") if y is None or y - shift <= 0 else y - shift for y in run_.trace[key]]

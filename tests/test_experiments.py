@@ -87,7 +87,7 @@ BAD = [
     (("problem", "dtype"), "float32", "problem.dtype"),
     (("solvers",), [], "solvers"),
     (("solvers",), {"name": "newton"}, "solvers"),
-    (("solvers", 1, "name"), "adamw", r"solvers\[1\].name"),
+    (("solvers", 1, "name"), "adamx", r"solvers\[1\].name"),
     (("solvers", 0, "c2"), 0.5, r"solvers\[0\].c2"),
     (("solvers", 0, "c1"), "tiny", r"solvers\[0\].c1"),
     (("solvers", 0, "c1"), 0.9, r"solvers\[0\]: c1"),

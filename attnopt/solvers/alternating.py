@@ -1,6 +1,6 @@
 """Alternating minimisation for attention regression: a Newton step on X, then the exact Y.
 
-For ``L(X, Y)`` an exact quadratic in Y (../shared/MATH.md section 5), the
+For ``L(X, Y)`` an exact quadratic in Y (docs/math.md, Attention regression L(X, Y)), the
 solver keeps Y at ``Y*(X) = argmin_Y L(X, Y)`` and takes Newton steps on the
 reduced loss ``φ(X) = L(X, Y*(X))``, whose gradient is ``grad_X L(X, Y*(X))``.
 One step from (X, Y*(X))::
@@ -26,14 +26,14 @@ or ``hessian_x(params)`` (block), as
 from __future__ import annotations
 
 
-import jax
+from typing import Any
+
 import jax.numpy as jnp
 
-from attnopt.solvers.linesearch import armijo, check_linesearch
-from attnopt.solvers.newton import NewtonInner, damped_newton_direction
-from attnopt.solvers.state import Solver, SolverState, advance, cached_solver, require, start
-
-_NAME = "alternating"
+from attnopt.solvers.capabilities import HasHessian, HasVariableProjection
+from attnopt.solvers.linesearch import armijo
+from attnopt.solvers.newton import LineSearched, NewtonInner, damped_newton_direction, line_search_options
+from attnopt.solvers.state import SolverState, advance, solver_class, start, static
 
 
 def _reduced_hessian(problem, params):
@@ -45,22 +45,56 @@ def _reduced_hessian(problem, params):
     return 0.5 * (M + M.T)
 
 
-def _block_hessian(problem, params):
-    return problem.hessian_x(params)
+_CURVATURES = {"reduced": _reduced_hessian, "block": lambda problem, params: problem.hessian_x(params)}
 
 
-_CURVATURES = {"reduced": ("hessian", _reduced_hessian), "block": ("hessian_x", _block_hessian)}
+@solver_class
+class Alternating(LineSearched):
+    """Newton on X with the exact Y (build with :func:`alternating`)."""
+
+    c1: Any = 1e-4
+    shrink: Any = 0.5
+    max_backtracks: int = static(40)
+    hessian: str = static("reduced")
+    needs = (HasVariableProjection, HasHessian)
+
+    @property
+    def name(self) -> str:
+        return "alternating" if self.hessian == "reduced" else f"alternating_{self.hessian}"
+
+    @staticmethod
+    def _with_best_y(problem, like, X):
+        return like(X, problem.solve_y(X))
+
+    def init(self, problem, params) -> SolverState:
+        X, _, like = problem.split_params(params)
+        state = start(problem, self._with_best_y(problem, like, X), inner=None)
+        nan = jnp.full_like(state.value, jnp.nan)
+        return state._replace(inner=NewtonInner(jnp.zeros_like(state.value), nan, None))
+
+    def step(self, problem, state: SolverState) -> SolverState:
+        X, _, like = problem.split_params(state.params)
+        gX, _, _ = problem.split_params(state.grad, "grad")
+        g = gX.reshape(-1)
+        p, mu = damped_newton_direction(_CURVATURES[self.hessian](problem, state.params), g)
+        ls = armijo(
+            lambda x: problem.loss(self._with_best_y(problem, like, x.reshape(X.shape))),
+            X.reshape(-1), state.value, g @ p, p, c1=self.c1, shrink=self.shrink, max_steps=self.max_backtracks,
+        )
+        params = self._with_best_y(problem, like, ls.x.reshape(X.shape))
+        dtype = state.value.dtype
+        inner = NewtonInner(mu.astype(dtype), ls.t.astype(dtype), None)
+        return advance(state, params, ls.value, problem.grad(params), inner, ls.ok, ls.finite)
 
 
-@cached_solver
 def alternating(
     *, hessian: str = "reduced", c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40
-) -> Solver:
+) -> Alternating:
     """Newton steps on X (damped, line-searched) alternating with the exact least-squares solve for Y.
 
     Args:
       hessian: "reduced" (Newton on ``φ(X) = min_Y L(X, Y)``, the Schur
-        complement of the Hessian) or "block" (the X-block ``H_XX`` alone).
+        complement of the Hessian) or "block" (the X-block ``H_XX`` alone); static.
       c1: Armijo sufficient-decrease constant, in (0, 1/2).
       shrink: backtracking factor, in (0, 1).
       max_backtracks: trial step lengths per step; if none passes, the status is LINESEARCH_FAILED.
@@ -72,34 +106,4 @@ def alternating(
     """
     if hessian not in _CURVATURES:
         raise ValueError(f"hessian must be one of {sorted(_CURVATURES)}, got {hessian!r}")
-    check_linesearch(c1, shrink, max_backtracks)
-    method, curvature = _CURVATURES[hessian]
-
-    def check(problem):
-        for name in ("solve_y", "split_params", method):
-            require(problem, name, _NAME)
-
-    def with_best_y(problem, like, X):
-        return like(X, problem.solve_y(X))
-
-    def init(problem, params) -> SolverState:
-        check(problem)
-        X, _, like = problem.split_params(params)
-        state = start(problem, with_best_y(problem, like, X), inner=None)
-        return state._replace(inner=NewtonInner(jnp.zeros_like(state.value), None))
-
-    def step(problem, state: SolverState) -> SolverState:
-        check(problem)
-        X, _, like = problem.split_params(state.params)
-        gX, _, _ = problem.split_params(state.grad, "grad")
-        g = gX.reshape(-1)
-        p, mu = damped_newton_direction(curvature(problem, state.params), g)
-        ls = armijo(
-            lambda x: problem.loss(with_best_y(problem, like, x.reshape(X.shape))),
-            X.reshape(-1), state.value, g @ p, p, c1=c1, shrink=shrink, max_steps=max_backtracks,
-        )
-        params = with_best_y(problem, like, ls.x.reshape(X.shape))
-        inner = NewtonInner(mu.astype(state.inner.damping.dtype), None)
-        return advance(state, params, ls.value, problem.grad(params), inner, ls.ok, ls.finite)
-
-    return Solver(_NAME if hessian == "reduced" else f"{_NAME}_{hessian}", init, step)
+    return Alternating(c1, shrink, line_search_options(c1, shrink, max_backtracks), hessian)

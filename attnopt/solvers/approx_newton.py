@@ -1,4 +1,4 @@
-"""Approximate Newton with a leverage-score-sampled Hessian (MATH.md section 7).
+"""Approximate Newton with a leverage-score-sampled Hessian (docs/math.md, Approximate Newton (leverage-score sampling)).
 
 For problems whose Hessian is ``H = A^T B A + λ I`` with ``B = diag(D) + U M U^T``
 (rank 2), the diagonal part ``A^T diag(D) A = sum_i D_i a_i a_i^T`` is replaced by
@@ -15,13 +15,14 @@ regularised instance). Cost O(n d k + m d^2 + d^3) instead of O(n d^2).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from attnopt.solvers.linesearch import check_linesearch
-from attnopt.solvers.newton import CurvatureModel, dense_newton
-from attnopt.solvers.state import Solver, cached_solver, require
+from attnopt.solvers.capabilities import HasCurvature
+from attnopt.solvers.newton import Newton, line_search_options
+from attnopt.solvers.state import solver_class, static
 
 
 def sample_count(n: int, d: int, eps: float, oversample: float) -> int:
@@ -54,8 +55,6 @@ def sketched_hessian(problem, x, key, eps: float, oversample: float = 4.0) -> ja
 
     Uses the exact ``A^T diag(D) A`` when the sample count reaches n.
     """
-    for attribute in ("A", "curvature", "ridge"):
-        require(problem, attribute, "approx_newton")
     A, B = problem.A, problem.curvature(x)
     n, d = A.shape
     ridge = problem.ridge * jnp.eye(d, dtype=A.dtype)
@@ -72,40 +71,56 @@ def sketched_hessian(problem, x, key, eps: float, oversample: float = 4.0) -> ja
     return (A_rows.T * weights) @ A_rows + B.low_rank_sandwich(A) + ridge
 
 
-def sketched(eps: float, seed: int = 0, oversample: float = 4.0) -> CurvatureModel:
-    """The sketched Hessian as a curvature model; its state is a PRNG key, split at every step."""
-    if not 0 < eps < 1:
-        raise ValueError(f"eps must be in (0, 1), got {eps}")
-    if not oversample > 0:
-        raise ValueError(f"oversample must be > 0, got {oversample}")
+class Sketched:
+    """Mixin: the curvature model is :func:`sketched_hessian`, its state a PRNG key split at every step.
 
-    def init(params):
+    Needs the fields ``eps`` and ``oversample`` (static) and ``seed`` (traced)."""
+
+    def model_init(self, params):
         del params
-        return jax.random.key(seed)
+        return jax.random.key(self.seed)
 
-    def matrix(problem, params, key):
+    def matrix(self, problem, params, key):
         key, sample_key = jax.random.split(key)
-        return sketched_hessian(problem, params, sample_key, eps, oversample), key
-
-    return CurvatureModel("sketched_hessian", init, matrix)
+        return sketched_hessian(problem, params, sample_key, self.eps, self.oversample), key
 
 
-@cached_solver
+def check_sketch(eps, oversample) -> tuple[float, float]:
+    """Static sketch options as floats: eps in (0, 1), oversample > 0."""
+    if not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
+    if not isinstance(oversample, (int, float)) or not oversample > 0:
+        raise ValueError(f"oversample must be a number > 0, got {oversample!r}")
+    return float(eps), float(oversample)
+
+
+@solver_class
+class ApproxNewton(Sketched, Newton):
+    """Newton with the sketched Hessian (build with :func:`approx_newton`)."""
+
+    eps: float = static(0.5)
+    oversample: float = static(4.0)
+    seed: Any = 0
+    name = "approx_newton"
+    needs = (HasCurvature,)
+
+
 def approx_newton(
     eps: float = 0.5, seed: int = 0, *, oversample: float = 4.0,
     c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40,
-) -> Solver:
+) -> ApproxNewton:
     """Newton with the sketched Hessian H~ (``(1 +- eps)``-spectral approximation), damped and line-searched.
 
     Args:
-      eps: spectral accuracy in (0, 1); m = min(n, ceil(oversample d log d / eps^2)) rows are sampled.
-      seed: PRNG seed of the sampling (the key lives in ``state.inner.model``).
-      oversample: the constant c in the sample count.
+      eps: spectral accuracy in (0, 1) (static: it sets the sample count
+        m = min(n, ceil(oversample d log d / eps^2))).
+      seed: PRNG seed of the sampling (traced; the key lives in ``state.inner.model``).
+      oversample: the constant c in the sample count (static).
       c1, shrink, max_backtracks: the line search, as in :func:`attnopt.solvers.newton`.
 
     Needs a problem with ``A``, ``curvature(x)`` (a DiagPlusLowRank) and ``ridge``.
     Converges linearly at rate about eps near the optimum.
     """
-    check_linesearch(c1, shrink, max_backtracks)
-    model = sketched(eps, seed, oversample)
-    return dense_newton("approx_newton", model, c1=c1, shrink=shrink, max_backtracks=max_backtracks)
+    max_backtracks = line_search_options(c1, shrink, max_backtracks)
+    eps, oversample = check_sketch(eps, oversample)
+    return ApproxNewton(c1, shrink, max_backtracks, eps, oversample, seed)

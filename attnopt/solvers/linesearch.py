@@ -6,7 +6,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from attnopt.solvers.state import where_needed
+from attnopt.solvers.state import check_option, where_needed
 
 
 class LineSearchResult(NamedTuple):
@@ -75,11 +75,7 @@ def armijo(loss, x, value, slope, direction, *, c1=1e-4, shrink=0.5, max_steps=4
     return LineSearchResult(t, x_t, f_t, ok, jnp.all(jnp.isfinite(direction)), g_t)
 
 
-def check_linesearch(c1, shrink, max_backtracks) -> None:
-    """Raise ValueError unless 0 < c1 < 1/2, 0 < shrink < 1 and max_backtracks >= 1."""
-    if not 0 < c1 < 0.5:
-        raise ValueError(f"c1 must be in (0, 1/2), got {c1}")
-    if not 0 < shrink < 1:
-        raise ValueError(f"shrink must be in (0, 1), got {shrink}")
-    if int(max_backtracks) < 1:
-        raise ValueError(f"max_backtracks must be >= 1, got {max_backtracks}")
+def check_linesearch(c1, shrink) -> None:
+    """Raise ValueError unless 0 < c1 < 1/2 and 0 < shrink < 1 (skipped for traced values)."""
+    check_option("c1", c1, lambda x: (0 < x) & (x < 0.5), "in (0, 1/2)")
+    check_option("shrink", shrink, lambda x: (0 < x) & (x < 1), "in (0, 1)")

@@ -1,26 +1,41 @@
-"""The driver: run any solver inside one ``jax.lax.while_loop``, alone, vmapped or sharded."""
+"""The driver: run any solver inside one ``jax.lax.while_loop``, alone, vmapped, sharded or differentiated."""
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+import math
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from attnopt.solvers.state import Solver, SolverState, Status, all_finite, tree_norm
+from attnopt.solvers import capabilities
+from attnopt.solvers.implicit import implicit_gradients
+from attnopt.solvers.state import Solver, SolverState, Status, Tolerance, all_finite, check_count, tree_norm, where_needed
+
+#: Default trace length cap: without ``record_every`` a solve records every step up to this many,
+#: and every ``ceil(max_steps / MAX_TRACE)``-th step beyond.
+MAX_TRACE = 10_000
 
 
 class Trace(NamedTuple):
-    """Per-iteration history, each of shape (max_steps + 1,) (batched: (batch, max_steps + 1)).
+    """History of a solve at the recorded steps, each column of length ``ceil(max_steps / record_every) + 1``
+    (batched: a leading batch axis).
 
-    Entry 0 is the start, entry k the state after step k; entries after the last step are NaN.
+    step: int32 step index of each entry (0 = the start; every ``record_every``-th step, and the last
+      step taken); -1 where empty.
+    loss, grad_norm, step_size: the loss, ``||grad||`` and ``||x_k - x_{k-1}||``; NaN where empty.
+    line_search: the step length t accepted by the solver's line search (NaN for solvers without one).
+    metrics: ``{name: (length, *shape)}`` from the ``metrics`` function of :func:`solve`; NaN where empty.
     """
 
+    step: jax.Array
     loss: jax.Array
     grad_norm: jax.Array
     step_size: jax.Array
+    line_search: jax.Array
+    metrics: dict
 
 
 class SolveResult(NamedTuple):
@@ -28,7 +43,7 @@ class SolveResult(NamedTuple):
 
     state: the final :class:`SolverState` (on NONFINITE: the last finite iterate, or the start).
     converged: bool, ``status == Status.CONVERGED``.
-    status: int32 :class:`Status` code.
+    status: int32 :class:`Status` code (``Status(int(status)).message`` in words).
     steps: int32, number of steps taken (``state.count``).
     trace: a :class:`Trace`.
     """
@@ -40,24 +55,44 @@ class SolveResult(NamedTuple):
     trace: Trace
 
 
-def _status(state: SolverState, tol, max_steps: int) -> jax.Array:
-    """The state's status after the stopping tests, in priority order:
-    non-finite, a status the step set, gradient tolerance, step budget."""
+class SolveError(RuntimeError):
+    """Raised by ``solve(..., throw=True)`` when a solve neither converged nor completed its budget."""
+
+
+def _status(solver: Solver, problem, state: SolverState, previous: SolverState, tolerance: Tolerance, max_steps: int):
+    """The state's status after the stopping tests, in priority order: non-finite, a status the
+    step set, the solver's convergence test, the step budget (COMPLETED when no test is on)."""
     code = lambda s: jnp.asarray(s, jnp.int32)
-    status = jnp.where(state.count >= max_steps, code(Status.MAX_STEPS), state.status)
-    status = jnp.where(tree_norm(state.grad) <= tol, code(Status.CONVERGED), status)
+    budget = jnp.where(tolerance.active(), code(Status.MAX_STEPS), code(Status.COMPLETED))
+    status = jnp.where(state.count >= max_steps, budget, state.status)
+    status = jnp.where(solver.terminate(problem, state, previous, tolerance), code(Status.CONVERGED), status)
     status = jnp.where(state.status != Status.RUNNING, state.status, status)
-    finite = all_finite(state.params, state.value, state.grad)
-    return jnp.where(finite, status, code(Status.NONFINITE))
+    return jnp.where(all_finite(state.params, state.value, state.grad), status, code(Status.NONFINITE))
 
 
-def _entry(state: SolverState) -> Trace:
-    return Trace(state.value, tree_norm(state.grad), state.step_size)
+def _entry(solver: Solver, problem, state: SolverState, metrics) -> Trace:
+    """One trace entry for ``state``."""
+    values = {} if metrics is None else dict(metrics(problem, state.params))
+    return Trace(
+        state.count, state.value, tree_norm(state.grad), state.step_size, solver.line_search_step(state), values
+    )
 
 
-def _record(trace: Trace, k, entry: Trace) -> Trace:
-    """Write one entry at index k of each column; an index past the end writes nothing."""
-    return jax.tree.map(lambda column, x: column.at[k].set(x.astype(column.dtype), mode="drop"), trace, entry)
+def _record(trace: Trace, slot, entry: Trace) -> Trace:
+    """Write ``entry`` at index ``slot`` of each column; a slot past the end writes nothing."""
+    return jax.tree.map(lambda column, x: column.at[slot].set(jnp.asarray(x, column.dtype), mode="drop"), trace, entry)
+
+
+def _empty_trace(entry: Trace, length: int) -> Trace:
+    """Columns of ``length`` like ``entry``'s leaves: -1 for integers (booleans become int32), NaN for floats."""
+
+    def column(x):
+        x = jnp.asarray(x)
+        dtype = jnp.int32 if x.dtype == jnp.bool_ else x.dtype
+        fill = -1 if jnp.issubdtype(dtype, jnp.integer) else jnp.nan
+        return jnp.full((length,) + x.shape, fill, dtype)
+
+    return jax.tree.map(column, entry)
 
 
 def _where(mask, new, old):
@@ -69,28 +104,39 @@ def _where(mask, new, old):
     return jax.tree.map(pick, new, old)
 
 
-def _run(problem, x0, tol, solver: Solver, max_steps: int, batch=None) -> SolveResult:
+class _Options(NamedTuple):
+    """The static part of a solve."""
+
+    max_steps: int
+    record_every: int
+    metrics: Callable | None
+
+
+def _run(problem, x0, solver, tolerance, options: _Options, batch=None) -> SolveResult:
     """One solve (``batch=None``), or a batch in lockstep.
 
     ``batch`` is ``(size, axes)`` with ``axes`` the ``vmap`` ``in_axes`` of
-    ``(problem, x0, tol)`` (0 or None per leaf): init, step and the stopping tests are vmapped, and one ``while_loop`` runs
-    while any instance is RUNNING; a step changes only the instances still
-    running (a select on the state, one trace entry each, scattered). This is
-    what ``jax.vmap`` of the single loop computes, but ``vmap`` of a
-    ``while_loop`` with a batched predicate selects *every* carry at every
-    iteration, copying the whole (batch, max_steps + 1) trace each time.
+    ``(problem, x0, solver, tolerance)`` (0 or None per leaf): init, step and the stopping tests are
+    vmapped, and one ``while_loop`` runs while any instance is RUNNING; a step changes only the
+    instances still running (a select on the state, one trace entry each, scattered). This is
+    what ``jax.vmap`` of the single loop computes, but ``vmap`` of a ``while_loop`` with a batched
+    predicate selects *every* carry at every iteration, copying the whole trace each time.
     """
-    size, (p_axes, x_axes, tol_axes) = (None, (None, None, None)) if batch is None else batch
+    max_steps, every, metrics = options
+    length = -(-max_steps // every) + 1
+    size, (p_axes, x_axes, s_axes, t_axes) = (None, (None,) * 4) if batch is None else batch
     each = (lambda f, in_axes: f) if batch is None else (lambda f, in_axes: jax.vmap(f, in_axes, axis_size=size))
-    step = each(solver.step, (p_axes, 0))
-    status = each(lambda state, tol: _status(state, tol, max_steps), (0, tol_axes))
-    entry, record = each(_entry, 0), each(_record, 0)
+    init = each(lambda s, p, x: s.init(p, x), (s_axes, p_axes, x_axes))
+    step = each(lambda s, p, state: s.step(p, state), (s_axes, p_axes, 0))
+    status = each(lambda s, p, state, prev, tol: _status(s, p, state, prev, tol, max_steps), (s_axes, p_axes, 0, 0, t_axes))
+    entry = each(lambda s, p, state: _entry(s, p, state, metrics), (s_axes, p_axes, 0))
+    record = each(_record, 0)
 
-    state = each(solver.init, (p_axes, x_axes))(problem, x0)
-    tol = jnp.asarray(tol, state.value.dtype)
-    state = state._replace(status=status(state, tol))
-    empty = jnp.full(state.value.shape + (max_steps + 1,), jnp.nan, state.value.dtype)
-    trace = record(Trace(empty, empty, empty), jnp.zeros_like(state.count), entry(state))
+    state = init(solver, problem, x0)
+    state = state._replace(status=status(solver, problem, state, state, tolerance))
+    first = entry(solver, problem, state)
+    empty = _empty_trace(jax.tree.map(lambda x: x[0], first) if batch is not None else first, length)
+    trace = record(jax.tree.map(lambda c: jnp.broadcast_to(c, state.count.shape + c.shape), empty), jnp.zeros_like(state.count), first)
 
     def cond(carry):
         state, _ = carry
@@ -99,85 +145,154 @@ def _run(problem, x0, tol, solver: Solver, max_steps: int, batch=None) -> SolveR
     def body(carry):
         state, trace = carry
         running = state.status == Status.RUNNING
-        new = step(problem, state)
-        new = new._replace(status=status(new, tol))
-        # A step that produced non-finite values: keep the last finite iterate, report NONFINITE,
-        # leave its trace entry empty.
+        new = step(solver, problem, state)
+        new = new._replace(status=status(solver, problem, new, state, tolerance))
+        # A step that produced non-finite values: keep the last finite iterate, report NONFINITE.
         bad = new.status == Status.NONFINITE
-        trace = record(trace, jnp.where(running & ~bad, new.count, max_steps + 1), entry(new))
+        write = running & ~bad & (new.count % every == 0)
+        slot = jnp.where(write, new.count // every, length)
+        if every == 1:
+            trace = record(trace, slot, entry(solver, problem, new))
+        else:  # compute the entry (and its metrics) only at recorded steps
+            skip = jax.tree.map(lambda c: c[0] if batch is None else c[:, 0], trace)
+            trace = record(trace, slot, where_needed(jnp.any(write), entry, (solver, problem, new), skip))
         new = _where(bad, state._replace(status=new.status), new)
         return _where(running, new, state), trace
 
     state, trace = jax.lax.while_loop(cond, body, (state, trace))
+    if every > 1:  # the last step taken, unless it fell on a recorded step already
+        trace = record(trace, -(-state.count // every), entry(solver, problem, state))
     return SolveResult(state, state.status == Status.CONVERGED, state.status, state.count, trace)
 
 
 @functools.cache
-def _batchable_run(solver: Solver, max_steps: int):
-    """``_run`` as a function of (problem, x0, tol) whose ``vmap`` is the lockstep batch of ``_run``."""
-    run = jax.custom_batching.custom_vmap(lambda problem, x0, tol: _run(problem, x0, tol, solver, max_steps))
+def _solver_function(options: _Options):
+    """``(problem, x0, solver, tolerance) -> SolveResult`` whose ``vmap`` is the lockstep batch of
+    :func:`_run` and whose derivatives with respect to the problem come from the implicit function theorem."""
+    run = jax.custom_batching.custom_vmap(lambda problem, x0, solver, tol: _run(problem, x0, solver, tol, options))
 
     @run.def_vmap
-    def run_batch(axis_size, in_batched, problem, x0, tol):
+    def run_batch(axis_size, in_batched, problem, x0, solver, tol):
         axes = jax.tree.map(lambda batched: 0 if batched else None, tuple(in_batched))
-        result = _run(problem, x0, tol, solver, max_steps, (axis_size, axes))
+        result = _run(problem, x0, solver, tol, options, (axis_size, axes))
         return result, jax.tree.map(lambda _: True, result)
 
-    return run
+    return implicit_gradients(run)
 
 
-@functools.partial(jax.jit, static_argnames=("solver", "max_steps"))
-def _solve(problem, x0, tol, *, solver, max_steps):
-    return _batchable_run(solver, max_steps)(problem, x0, tol)
+@functools.partial(jax.jit, static_argnames=("options",))
+def _solve(problem, x0, solver, tolerance, *, options):
+    return _solver_function(options)(problem, x0, solver, tolerance)
 
 
-@functools.partial(jax.jit, static_argnames=("solver", "max_steps", "mesh", "chunk_size"))
-def _solve_sharded(problems, x0s, tol, *, solver, max_steps, mesh, chunk_size):
-    run = _batchable_run(solver, max_steps)
+def _prepare(problem, x0, solver, max_steps, tol, rtol, atol, record_every, metrics):
+    """Check the arguments (before any work) and put them in the form the loop takes."""
+    if not isinstance(solver, Solver):
+        raise ValueError(
+            f"solver must be an attnopt Solver (e.g. attnopt.solvers.newton() or attnopt.solvers.get('adam', "
+            f"learning_rate=0.1)), got {type(solver).__name__}"
+        )
+    capabilities.check(problem, solver)
+    max_steps = check_count("max_steps", max_steps, 0)
+    if record_every is None:
+        record_every = max(1, math.ceil(max_steps / MAX_TRACE))
+    record_every = check_count("record_every", record_every, 1)
+    if metrics is not None and not callable(metrics):
+        raise ValueError(f"metrics must be a function (problem, params) -> dict of arrays, got {metrics!r}")
+    leaves = jax.tree.leaves(x0)
+    if not leaves:
+        raise ValueError("x0 must be an array or a pytree of arrays, got an empty pytree")
+    dtype = getattr(problem, "dtype", None)
+    dtype = jnp.result_type(*leaves) if dtype is None else jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"the problem's dtype must be floating, got {dtype}")
+    try:
+        x0 = jax.tree.map(lambda x: jnp.asarray(x, dtype), x0)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"x0 cannot be cast to the problem's dtype {dtype}: {err}") from None
+    for name, value in (("tol", tol), ("rtol", rtol), ("atol", atol)):
+        if not isinstance(value, jax.core.Tracer) and not bool(np.all(np.asarray(value) >= 0)):
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+    tolerance = jax.tree.map(lambda t: jnp.asarray(t, dtype), Tolerance(tol, rtol, atol))
+    solver = jax.tree.map(lambda h: jnp.asarray(h, dtype if jnp.issubdtype(jnp.result_type(h), jnp.floating) else None), solver)
+    return x0, solver, tolerance, _Options(max_steps, record_every, metrics)
 
-    def local(problems, x0s, tol):  # one device's share of the batch
+
+def solve(
+    problem,
+    x0,
+    solver: Solver,
+    *,
+    max_steps: int = 100,
+    tol: float = 1e-8,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+    metrics: Callable | None = None,
+    record_every: int | None = None,
+    throw: bool = False,
+) -> SolveResult:
+    """Minimise ``problem.loss`` from ``x0`` with ``solver``, in one compiled ``jax.lax.while_loop``.
+
+    Stops when the solver's test says converged (default: ``||grad|| <= tol``, or the Cauchy test
+    on rtol/atol; docs/math.md, Stopping rules) with CONVERGED, after ``max_steps`` steps (MAX_STEPS,
+    or COMPLETED when tol = rtol = atol = 0: the whole budget was asked for), on a non-finite value,
+    gradient or parameter (NONFINITE), or on a status the step sets (LINESEARCH_FAILED).
+
+    Compiled once per problem type and shapes, solver type and static options, ``max_steps``,
+    ``record_every`` and ``metrics``: numeric solver options and tolerances are traced, so
+    ``jax.vmap`` over stacked problems (``attnopt.stack``), starts, learning rates or seeds is one
+    compiled program. ``jax.grad`` of a function of ``result.state.params`` or ``result.state.value``
+    with respect to the problem's data uses the implicit function theorem at the returned point
+    (NaN unless the status is CONVERGED; docs/math.md, Differentiating through a solve).
+
+    Args:
+      problem: a problem pytree (``loss``, ``grad``, and what ``solver.needs``).
+      x0: initial params (an array or pytree of arrays), cast to the problem's dtype.
+      solver: a :class:`Solver`, e.g. ``attnopt.solvers.newton()`` or ``attnopt.solvers.get("adam", learning_rate=0.1)``.
+      max_steps: step budget.
+      tol, rtol, atol: stopping tolerances (see :class:`Tolerance`); 0 turns a test off.
+      metrics: optional ``fn(problem, params) -> {name: scalar or small array}`` recorded at every
+        recorded step into ``result.trace.metrics[name]``. Define it once and reuse it: each new
+        function object compiles anew.
+      record_every: record every k-th step (the trace then has ``ceil(max_steps / k) + 1`` entries);
+        default 1 up to ``max_steps = MAX_TRACE``, then coarser so the trace stays about that long.
+      throw: raise :class:`SolveError` with the status message unless the solve converged or
+        completed its budget (only outside ``jit``/``vmap``, where the result is concrete).
+    """
+    x0, solver, tolerance, options = _prepare(problem, x0, solver, max_steps, tol, rtol, atol, record_every, metrics)
+    result = _solve(problem, x0, solver, tolerance, options=options)
+    if throw:
+        _raise_on_failure(result)
+    return result
+
+
+def _raise_on_failure(result: SolveResult) -> None:
+    if isinstance(result.status, jax.core.Tracer):
+        raise ValueError("solve(..., throw=True) needs a concrete result: call it outside jit and vmap")
+    codes = np.unique(np.asarray(result.status))
+    failed = [Status(int(c)) for c in codes if c not in (Status.CONVERGED, Status.COMPLETED)]
+    if failed:
+        raise SolveError("; ".join(f"{s.name}: {s.message}" for s in failed))
+
+
+@functools.partial(jax.jit, static_argnames=("options", "mesh", "chunk_size"))
+def _solve_sharded(problems, x0s, solver, tolerance, *, options, mesh, chunk_size):
+    run = _solver_function(options)
+
+    def local(problems, x0s):  # one device's share of the batch
         if chunk_size is None:
-            return jax.vmap(run, in_axes=(0, 0, None))(problems, x0s, tol)
-        return jax.lax.map(lambda args: run(*args, tol), (problems, x0s), batch_size=chunk_size)
+            return jax.vmap(run, in_axes=(0, 0, None, None))(problems, x0s, solver, tolerance)
+        return jax.lax.map(lambda args: run(*args, solver, tolerance), (problems, x0s), batch_size=chunk_size)
 
     batch = PartitionSpec("batch")
     # check_vma=False: the solvers' loops start carries from replicated constants; every value is per-device.
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, PartitionSpec()), out_specs=batch, check_vma=False)
-    return sharded(problems, x0s, tol)
-
-
-def _check_options(solver, max_steps, tol):
-    if not isinstance(solver, Solver):
-        raise ValueError(f"solver must be an attnopt Solver (e.g. attnopt.solvers.newton()), got {type(solver).__name__}")
-    if not isinstance(max_steps, (int, np.integer)) or max_steps < 0:
-        raise ValueError(f"max_steps must be a nonnegative int, got {max_steps!r}")
-    if not isinstance(tol, jax.core.Tracer) and not float(tol) >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol!r}")
-
-
-def solve(problem, x0, solver: Solver, *, max_steps: int = 100, tol: float = 1e-8) -> SolveResult:
-    """Minimise ``problem.loss`` from ``x0`` with ``solver``.
-
-    Runs ``solver.step`` in one ``jax.lax.while_loop`` until ``||grad||_2 <= tol``
-    (CONVERGED), ``max_steps`` steps (MAX_STEPS), a non-finite value, gradient
-    or parameter (NONFINITE), or a status the step sets (LINESEARCH_FAILED).
-    Compiled once per problem type, shapes, dtypes, solver and ``max_steps``
-    (``tol`` is traced). Works under ``jax.vmap`` over stacked problems
-    (``attnopt.stack``) and initial points.
-
-    Args:
-      problem: a problem pytree with ``loss`` and ``grad`` (and what the solver needs).
-      x0: initial params (an array or pytree of arrays).
-      solver: a :class:`Solver`, e.g. ``attnopt.solvers.newton()``.
-      max_steps: step budget; the trace has ``max_steps + 1`` entries.
-      tol: gradient-norm tolerance.
-    """
-    _check_options(solver, max_steps, tol)
-    return _solve(problem, x0, tol, solver=solver, max_steps=int(max_steps))
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(batch, batch), out_specs=batch, check_vma=False)
+    return sharded(problems, x0s)
 
 
 def solve_batch(
-    problems, x0s, solver: Solver, *, max_steps: int = 100, tol: float = 1e-8, devices=None, chunk_size=None
+    problems, x0s, solver: Solver, *, max_steps: int = 100, tol: float = 1e-8, rtol: float = 0.0, atol: float = 0.0,
+    metrics: Callable | None = None, record_every: int | None = None, devices=None, chunk_size=None,
 ) -> SolveResult:
     """Solve a stack of problems (leading batch axis on every leaf) sharded over devices.
 
@@ -190,26 +305,23 @@ def solve_batch(
     (``jax.lax.map(..., batch_size=chunk_size)``). Small groups waste fewer
     steps and keep their data in cache: on CPU, groups of 1 to 16 are
     typically faster than the whole batch; on accelerators, keep the default.
-    Each instance gives what :func:`solve` gives for it. The result has a
-    leading batch axis on every leaf.
+    Each instance gives what :func:`solve` gives for it (the other arguments
+    as there). The result has a leading batch axis on every leaf.
     """
-    _check_options(solver, max_steps, tol)
-    if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     leaves = jax.tree.leaves((problems, x0s))
     if not leaves or any(jnp.ndim(leaf) == 0 for leaf in leaves):
         raise ValueError("solve_batch needs problems and x0s with a leading batch axis on every leaf")
     batch = {leaf.shape[0] for leaf in leaves}
     if len(batch) != 1:
         raise ValueError(f"problems and x0s must share the batch size, got sizes {sorted(batch)}")
+    if chunk_size is not None:
+        chunk_size = check_count("chunk_size", chunk_size)
+    x0s, solver, tolerance, options = _prepare(problems, x0s, solver, max_steps, tol, rtol, atol, record_every, metrics)
     (size,) = batch
     devices = list(jax.devices() if devices is None else devices)
     padded = -(-size // len(devices)) * len(devices)
     pad = lambda leaf: jnp.concatenate([leaf, jnp.repeat(leaf[:1], padded - size, axis=0)]) if padded > size else leaf
     mesh = Mesh(np.array(devices), ("batch",))
     problems, x0s = jax.device_put(jax.tree.map(pad, (problems, x0s)), NamedSharding(mesh, PartitionSpec("batch")))
-    result = _solve_sharded(
-        problems, x0s, tol, solver=solver, max_steps=int(max_steps), mesh=mesh,
-        chunk_size=None if chunk_size is None else int(chunk_size),
-    )
+    result = _solve_sharded(problems, x0s, solver, tolerance, options=options, mesh=mesh, chunk_size=chunk_size)
     return jax.tree.map(lambda leaf: leaf[:size], result)

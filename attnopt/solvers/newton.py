@@ -1,7 +1,7 @@
 """Dense Newton-type solvers: a curvature matrix, Levenberg damping, Armijo line search.
 
 One step, for a curvature model M(x) (the Hessian, the Gauss-Newton matrix,
-or a sketched Hessian)::
+or a sketched Hessian; docs/math.md, Newton with Levenberg damping and Armijo backtracking)::
 
     mu  = smallest of 0, mu0, 10 mu0, ... with M + mu I positive definite (Cholesky succeeds)
     p   = -(M + mu I)^{-1} g                       O(N^3) for N parameters
@@ -11,53 +11,27 @@ Params may be any pytree; the matrix is in ``jax.flatten_util.ravel_pytree`` ord
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from attnopt.solvers.capabilities import HasGaussNewton, HasHessian
 from attnopt.solvers.linesearch import armijo, check_linesearch
-from attnopt.solvers.state import Solver, SolverState, advance, cached_solver, require, start
-
-
-class CurvatureModel(NamedTuple):
-    """How a solver gets its (N, N) curvature matrix.
-
-    ``init(params) -> model_state``; ``matrix(problem, params, model_state) -> (M, model_state)``.
-    The model state is None for deterministic models and a PRNG key for sketched ones.
-    """
-
-    name: str
-    init: Callable[[Any], Any]
-    matrix: Callable[[Any, Any, Any], tuple[jax.Array, Any]]
-
-
-def _no_state(params):
-    del params
-
-
-def _hessian(problem, params, model_state):
-    return problem.hessian(params), model_state
-
-
-def _gauss_newton_matrix(problem, params, model_state):
-    require(problem, "gauss_newton_matrix", "gauss_newton")
-    return problem.gauss_newton_matrix(params), model_state
-
-
-EXACT = CurvatureModel("hessian", _no_state, _hessian)
-GAUSS_NEWTON = CurvatureModel("gauss_newton_matrix", _no_state, _gauss_newton_matrix)
+from attnopt.solvers.state import Solver, SolverState, advance, check_count, solver_class, start, static
 
 
 class NewtonInner(NamedTuple):
     """Inner state of the dense Newton solvers.
 
     damping: the Levenberg mu added in the last step (0 when M was positive definite).
+    t: the step length the last line search accepted (NaN before the first step).
     model: the curvature model's state (None, or a PRNG key).
     """
 
     damping: jax.Array
+    t: jax.Array
     model: Any
 
 
@@ -106,48 +80,88 @@ def flat_grad(problem, unravel):
     return lambda y: ravel_pytree(problem.grad(unravel(y)))[0]
 
 
-def dense_newton(name: str, model: CurvatureModel, *, c1: float, shrink: float, max_backtracks: int) -> Solver:
-    """A line-searched, Levenberg-damped Newton solver over the curvature ``model``."""
+class LineSearched(Solver):
+    """Shared part of the solvers with an Armijo line search: options c1, shrink (traced) and
+    max_backtracks (static), and an inner state with the accepted step length ``t``."""
 
-    def init(problem, params) -> SolverState:
+    def line_search_step(self, state: SolverState) -> jax.Array:
+        return state.inner.t
+
+    def search(self, problem, unravel, x, value, g, p):
+        """Armijo backtracking from flat x along flat p (see :func:`attnopt.solvers.linesearch.armijo`)."""
+        return armijo(
+            lambda y: problem.loss(unravel(y)), x, value, g @ p, p,
+            c1=self.c1, shrink=self.shrink, max_steps=self.max_backtracks, grad=flat_grad(problem, unravel),
+        )
+
+
+@solver_class
+class Newton(LineSearched):
+    """Exact Newton (build with :func:`newton`); subclasses change the curvature model."""
+
+    c1: Any = 1e-4
+    shrink: Any = 0.5
+    max_backtracks: int = static(40)
+    name = "newton"
+    needs = (HasHessian,)
+
+    def model_init(self, params):
+        """The curvature model's state (None; a PRNG key for sampled models)."""
+        del params
+
+    def matrix(self, problem, params, model_state):
+        """``(M, model_state)``: the (N, N) curvature matrix at params."""
+        return problem.hessian(params), model_state
+
+    def init(self, problem, params) -> SolverState:
         state = start(problem, params, inner=None)
-        return state._replace(inner=NewtonInner(jnp.zeros_like(state.value), model.init(params)))
+        nan = jnp.full_like(state.value, jnp.nan)
+        return state._replace(inner=NewtonInner(jnp.zeros_like(state.value), nan, self.model_init(params)))
 
-    def step(problem, state: SolverState) -> SolverState:
+    def step(self, problem, state: SolverState) -> SolverState:
         x, unravel = ravel_pytree(state.params)
         g, _ = ravel_pytree(state.grad)
-        M, model_state = model.matrix(problem, state.params, state.inner.model)
+        M, model_state = self.matrix(problem, state.params, state.inner.model)
         p, mu = damped_newton_direction(M, g)
-        ls = armijo(
-            lambda y: problem.loss(unravel(y)), x, state.value, g @ p, p,
-            c1=c1, shrink=shrink, max_steps=max_backtracks, grad=flat_grad(problem, unravel),
-        )
-        inner = NewtonInner(mu.astype(state.inner.damping.dtype), model_state)
+        ls = self.search(problem, unravel, x, state.value, g, p)
+        dtype = state.value.dtype
+        inner = NewtonInner(mu.astype(dtype), ls.t.astype(dtype), model_state)
         return advance(state, unravel(ls.x), ls.value, unravel(ls.grad), inner, ls.ok, ls.finite)
 
-    return Solver(name, init, step)
+
+@solver_class
+class GaussNewton(Newton):
+    """Newton on the PSD Gauss-Newton model (build with :func:`gauss_newton`)."""
+
+    name = "gauss_newton"
+    needs = (HasGaussNewton,)
+
+    def matrix(self, problem, params, model_state):
+        return problem.gauss_newton_matrix(params), model_state
 
 
-@cached_solver
-def newton(*, c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40) -> Solver:
+def line_search_options(c1, shrink, max_backtracks) -> int:
+    """Check the line-search options; returns max_backtracks as an int."""
+    check_linesearch(c1, shrink)
+    return check_count("max_backtracks", max_backtracks)
+
+
+def newton(*, c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40) -> Newton:
     """Exact Newton: ``problem.hessian`` (Levenberg-damped where not PD) with Armijo backtracking.
 
     Args:
       c1: Armijo sufficient-decrease constant, in (0, 1/2).
       shrink: backtracking factor, in (0, 1).
-      max_backtracks: trial step lengths per step; if none passes, the status is LINESEARCH_FAILED.
+      max_backtracks: trial step lengths per step (static); if none passes, the status is LINESEARCH_FAILED.
 
     Converges quadratically near a minimiser with a positive definite Hessian.
     """
-    check_linesearch(c1, shrink, max_backtracks)
-    return dense_newton("newton", EXACT, c1=c1, shrink=shrink, max_backtracks=max_backtracks)
+    return Newton(c1, shrink, line_search_options(c1, shrink, max_backtracks))
 
 
-@cached_solver
-def gauss_newton(*, c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40) -> Solver:
-    """Gauss-Newton: the PSD ``problem.gauss_newton_matrix`` (MATH.md section 1) with Armijo backtracking.
+def gauss_newton(*, c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40) -> GaussNewton:
+    """Gauss-Newton: the PSD ``problem.gauss_newton_matrix`` with Armijo backtracking (docs/math.md, Gauss-Newton).
 
     Args as in :func:`newton`. Quadratic on zero-residual problems, linear otherwise.
     """
-    check_linesearch(c1, shrink, max_backtracks)
-    return dense_newton("gauss_newton", GAUSS_NEWTON, c1=c1, shrink=shrink, max_backtracks=max_backtracks)
+    return GaussNewton(c1, shrink, line_search_options(c1, shrink, max_backtracks))

@@ -1,7 +1,7 @@
 """Matrix-free truncated Newton (Newton-CG) with the problem's Hessian-vector product.
 
 Each step solves ``H p = -g`` approximately by conjugate gradients
-(Nocedal & Wright, Algorithm 7.1), one Hessian-vector product per CG
+(Nocedal & Wright, Algorithm 7.1; docs/math.md, Newton-CG), one Hessian-vector product per CG
 iteration (``problem.hessian_operator(x)`` if the problem has it, which
 prepares the curvature once per step, else ``problem.hvp``):
 
@@ -15,21 +15,22 @@ O(k N) memory and k HVPs per step.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from attnopt.solvers.linesearch import armijo, check_linesearch
-from attnopt.solvers.newton import flat_grad
-from attnopt.solvers.state import Solver, SolverState, advance, cached_solver, start
+from attnopt.solvers.capabilities import HasHVP
+from attnopt.solvers.newton import LineSearched, line_search_options
+from attnopt.solvers.state import SolverState, advance, check_count, solver_class, start, static
 
 
 class NewtonCGInner(NamedTuple):
-    """cg_steps: CG iterations (HVPs) of the last step."""
+    """cg_steps: CG iterations (HVPs) of the last step; t: the step length its line search accepted."""
 
     cg_steps: jax.Array
+    t: jax.Array
 
 
 def truncated_cg(hvp, g, max_iters: int):
@@ -72,24 +73,22 @@ def truncated_cg(hvp, g, max_iters: int):
     return p, j
 
 
-@cached_solver
-def newton_cg(
-    *, max_cg_steps: int | None = None, c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40
-) -> Solver:
-    """Truncated Newton with CG on ``problem.hvp`` and Armijo backtracking; for large N.
+@solver_class
+class NewtonCG(LineSearched):
+    """Truncated Newton with CG on the HVP (build with :func:`newton_cg`)."""
 
-    Args:
-      max_cg_steps: CG iterations per step (default: the number of parameters N).
-      c1, shrink, max_backtracks: the line search, as in :func:`attnopt.solvers.newton`.
-    """
-    check_linesearch(c1, shrink, max_backtracks)
-    if max_cg_steps is not None and int(max_cg_steps) < 1:
-        raise ValueError(f"max_cg_steps must be >= 1, got {max_cg_steps}")
+    c1: Any = 1e-4
+    shrink: Any = 0.5
+    max_backtracks: int = static(40)
+    max_cg_steps: int | None = static(None)
+    name = "newton_cg"
+    needs = (HasHVP,)
 
-    def init(problem, params) -> SolverState:
-        return start(problem, params, NewtonCGInner(jnp.zeros((), jnp.int32)))
+    def init(self, problem, params) -> SolverState:
+        state = start(problem, params, None)
+        return state._replace(inner=NewtonCGInner(jnp.zeros((), jnp.int32), jnp.full_like(state.value, jnp.nan)))
 
-    def step(problem, state: SolverState) -> SolverState:
+    def step(self, problem, state: SolverState) -> SolverState:
         x, unravel = ravel_pytree(state.params)
         g, _ = ravel_pytree(state.grad)
         hessian_at = (
@@ -98,11 +97,22 @@ def newton_cg(
             else functools.partial(problem.hvp, state.params)
         )
         hvp = lambda v: ravel_pytree(hessian_at(unravel(v)))[0]
-        p, cg_steps = truncated_cg(hvp, g, x.size if max_cg_steps is None else max_cg_steps)
-        ls = armijo(
-            lambda y: problem.loss(unravel(y)), x, state.value, g @ p, p,
-            c1=c1, shrink=shrink, max_steps=max_backtracks, grad=flat_grad(problem, unravel),
-        )
-        return advance(state, unravel(ls.x), ls.value, unravel(ls.grad), NewtonCGInner(cg_steps), ls.ok, ls.finite)
+        p, cg_steps = truncated_cg(hvp, g, x.size if self.max_cg_steps is None else self.max_cg_steps)
+        ls = self.search(problem, unravel, x, state.value, g, p)
+        inner = NewtonCGInner(cg_steps, ls.t.astype(state.value.dtype))
+        return advance(state, unravel(ls.x), ls.value, unravel(ls.grad), inner, ls.ok, ls.finite)
 
-    return Solver("newton_cg", init, step)
+
+def newton_cg(
+    *, max_cg_steps: int | None = None, c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40
+) -> NewtonCG:
+    """Truncated Newton with CG on ``problem.hvp`` and Armijo backtracking; for large N.
+
+    Args:
+      max_cg_steps: CG iterations per step (static; default: the number of parameters N).
+      c1, shrink, max_backtracks: the line search, as in :func:`attnopt.solvers.newton`.
+    """
+    max_backtracks = line_search_options(c1, shrink, max_backtracks)
+    if max_cg_steps is not None:
+        max_cg_steps = check_count("max_cg_steps", max_cg_steps)
+    return NewtonCG(c1, shrink, max_backtracks, max_cg_steps)

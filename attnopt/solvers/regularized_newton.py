@@ -1,4 +1,4 @@
-"""Gradient-regularised Newton with the adaptive acceptance rule (MATH.md section 7).
+"""Gradient-regularised Newton with the adaptive acceptance rule (docs/math.md, Gradient-regularised Newton).
 
 One step, with the curvature matrix H (exact, or sketched when ``eps`` is given)::
 
@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from attnopt.solvers.approx_newton import sketched
+from attnopt.solvers.approx_newton import Sketched, check_sketch
+from attnopt.solvers.capabilities import HasCurvature, HasHessian
 from attnopt.solvers.linesearch import value_noise
-from attnopt.solvers.newton import EXACT, levenberg_cholesky
-from attnopt.solvers.state import Solver, SolverState, advance, cached_solver, start, tree_norm
+from attnopt.solvers.newton import Newton, levenberg_cholesky
+from attnopt.solvers.state import Solver, SolverState, advance, check_count, check_option, solver_class, start, static, tree_norm
 
 
 class RegularizedNewtonInner(NamedTuple):
@@ -29,33 +30,26 @@ class RegularizedNewtonInner(NamedTuple):
     model: Any
 
 
-@cached_solver
-def regularized_newton(
-    gamma: float = 1.0, *, eps: float | None = None, seed: int = 0, oversample: float = 4.0, max_tries: int = 50
-) -> Solver:
-    """Gradient-regularised Newton.
+@solver_class
+class RegularizedNewton(Solver):
+    """Gradient-regularised Newton on the exact Hessian (build with :func:`regularized_newton`)."""
 
-    Args:
-      gamma: initial gamma > 0 (lam = ||g|| / gamma).
-      eps: if given, use the leverage-sampled Hessian of
-        :func:`attnopt.solvers.approx_newton.sketched_hessian` with this accuracy
-        (seeded by ``seed``, ``oversample`` as there); else ``problem.hessian``.
-      max_tries: halvings of gamma per step before LINESEARCH_FAILED.
-    """
-    if not gamma > 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
-    if int(max_tries) < 1:
-        raise ValueError(f"max_tries must be >= 1, got {max_tries}")
-    model = EXACT if eps is None else sketched(eps, seed, oversample)
+    gamma: Any = 1.0
+    max_tries: int = static(50)
+    name = "regularized_newton"
+    needs = (HasHessian,)
+    model_init = Newton.model_init
+    matrix = Newton.matrix
 
-    def init(problem, params) -> SolverState:
+    def init(self, problem, params) -> SolverState:
         state = start(problem, params, inner=None)
-        return state._replace(inner=RegularizedNewtonInner(jnp.full_like(state.value, gamma), model.init(params)))
+        gamma = jnp.full_like(state.value, self.gamma)
+        return state._replace(inner=RegularizedNewtonInner(gamma, self.model_init(params)))
 
-    def step(problem, state: SolverState) -> SolverState:
+    def step(self, problem, state: SolverState) -> SolverState:
         x, unravel = ravel_pytree(state.params)
         g, _ = ravel_pytree(state.grad)
-        H, model_state = model.matrix(problem, state.params, state.inner.model)
+        H, model_state = self.matrix(problem, state.params, state.inner.model)
         g_norm = jnp.linalg.norm(g)
         noise = value_noise(state.value)
 
@@ -69,7 +63,7 @@ def regularized_newton(
 
         def cond(carry):
             j, _, _, _, _, ok = carry
-            return (~ok) & (j < max_tries)
+            return (~ok) & (j < self.max_tries)
 
         def body(carry):
             j, gamma, *_ = carry
@@ -83,4 +77,32 @@ def regularized_newton(
         inner = RegularizedNewtonInner(jnp.where(ok, 2 * gamma, gamma), model_state)
         return advance(state, params, value, grad, inner, ok, jnp.all(jnp.isfinite(H)))
 
-    return Solver("regularized_newton", init, step)
+
+@solver_class
+class SketchedRegularizedNewton(Sketched, RegularizedNewton):
+    """Gradient-regularised Newton on the leverage-sampled Hessian."""
+
+    eps: float = static(0.5)
+    oversample: float = static(4.0)
+    seed: Any = 0
+    needs = (HasCurvature,)
+
+
+def regularized_newton(
+    gamma: float = 1.0, *, eps: float | None = None, seed: int = 0, oversample: float = 4.0, max_tries: int = 50
+) -> RegularizedNewton:
+    """Gradient-regularised Newton.
+
+    Args:
+      gamma: initial gamma > 0 (lam = ||g|| / gamma; traced).
+      eps: if given, use the leverage-sampled Hessian of
+        :func:`attnopt.solvers.approx_newton.sketched_hessian` with this accuracy
+        (seeded by ``seed``, ``oversample`` as there); else ``problem.hessian``.
+      max_tries: halvings of gamma per step before LINESEARCH_FAILED (static).
+    """
+    check_option("gamma", gamma, lambda x: x > 0, "> 0")
+    max_tries = check_count("max_tries", max_tries)
+    if eps is None:
+        return RegularizedNewton(gamma, max_tries)
+    eps, oversample = check_sketch(eps, oversample)
+    return SketchedRegularizedNewton(gamma, max_tries, eps, oversample, seed)

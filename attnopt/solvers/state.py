@@ -1,34 +1,74 @@
-"""The state, status codes and solver type shared by every attnopt solver.
+"""The state, status codes, tolerances and base class shared by every attnopt solver.
 
-A solver is an ``(init, step)`` pair of pure functions over one pytree,
-:class:`SolverState`, in the spirit of ``optax.GradientTransformation``::
+A solver is a frozen dataclass (a pytree) whose fields are its options, with
+pure methods over one state pytree, :class:`SolverState`, in the spirit of
+``optax.GradientTransformation`` and optimistix's solvers::
 
-    init(problem, params) -> SolverState        value and grad at params, count 0
-    step(problem, state)  -> SolverState        one iteration, count + 1
+    init(problem, params)                         -> SolverState   value and grad at params, count 0
+    step(problem, state)                          -> SolverState   one iteration, count + 1
+    terminate(problem, state, previous, tolerance) -> bool          converged? (default: docs/math.md, Stopping rules)
 
-Both work under ``jit`` and ``vmap``; ``step`` keeps the structure, shapes and
-dtypes of the state, so one ``jax.lax.while_loop`` (``attnopt.solvers.solve``)
-runs any solver.
+Numeric options (learning rates, line-search constants, PRNG seeds) are
+pytree leaves: the same solver built twice compiles once, and ``jax.vmap``
+over a stack of options runs as one compiled program. Options that change
+shapes or control flow are static (``dataclasses.field(metadata={"static": True})``).
+``step`` keeps the structure, shapes and dtypes of the state, so one
+``jax.lax.while_loop`` (:func:`attnopt.solvers.solve`) runs any solver.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
-import functools
-import inspect
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Status(enum.IntEnum):
-    """Why a solve stopped (``RUNNING`` while it goes on)."""
+    """Why a solve stopped (``RUNNING`` while it goes on); ``Status(code).message`` says it in words."""
 
     RUNNING = 0
-    CONVERGED = 1  # gradient norm <= tol
-    MAX_STEPS = 2  # the step budget ran out
-    NONFINITE = 3  # a non-finite value, gradient or parameter (bad start, bad data, or a step that left the domain)
-    LINESEARCH_FAILED = 4  # no acceptable step along the search direction
+    CONVERGED = 1
+    MAX_STEPS = 2
+    NONFINITE = 3
+    LINESEARCH_FAILED = 4
+    COMPLETED = 5
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    Status.RUNNING: "still running",
+    Status.CONVERGED: "converged: a stopping tolerance was met",
+    Status.MAX_STEPS: "the step budget ran out before any stopping tolerance was met",
+    Status.NONFINITE: (
+        "a non-finite value, gradient, parameter or curvature (bad start, bad data, or a step that left the "
+        "problem's domain); the last finite iterate is kept"
+    ),
+    Status.LINESEARCH_FAILED: "no acceptable step along the search direction; the iterate is kept",
+    Status.COMPLETED: "ran the whole step budget (every stopping tolerance is 0)",
+}
+
+
+class Tolerance(NamedTuple):
+    """Stopping tolerances; 0 turns a test off (all 0: run the whole budget).
+
+    grad: stop when ``||g|| <= grad``.
+    rtol, atol: stop when ``|f_k - f_{k-1}| <= atol + rtol |f_k|`` and
+      ``||x_k - x_{k-1}|| <= atol + rtol ||x_k||`` (the Cauchy-type test of optimistix).
+    """
+
+    grad: Any = 1e-8
+    rtol: Any = 0.0
+    atol: Any = 0.0
+
+    def active(self) -> jax.Array:
+        """Whether any test is on (bool scalar)."""
+        return (self.grad > 0) | (self.rtol > 0) | (self.atol > 0)
 
 
 class SolverState(NamedTuple):
@@ -58,18 +98,76 @@ class SolverState(NamedTuple):
     inner: Any
 
 
-class Solver(NamedTuple):
-    """A named ``(init, step)`` pair; hashable, so it can be a static argument of ``jax.jit``.
+def solver_class(cls):
+    """Make ``cls`` a frozen dataclass registered as a pytree: fields are leaves unless
+    declared ``dataclasses.field(metadata={"static": True})``."""
+    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
 
-    Constructors are cached (:func:`cached_solver`): calling one twice with the
-    same options returns the same solver, so a solve is compiled once per solver
-    configuration. ``attnopt.solvers.optax(tx)`` is the exception: build it once
-    and reuse it, since every ``optax.adam(...)`` call makes a new transformation.
+
+def static(default=dataclasses.MISSING):
+    """A static (non-traced) solver option: it changes shapes or control flow, so each value compiles anew."""
+    return dataclasses.field(default=default, metadata={"static": True})
+
+
+class Solver:
+    """Base class of every solver (see the module docstring).
+
+    Subclasses are :func:`solver_class` dataclasses implementing ``init`` and
+    ``step``; they may override ``terminate`` and ``line_search_step``, and
+    declare in ``needs`` the protocols of :mod:`attnopt.solvers.capabilities`
+    a problem must satisfy.
     """
 
-    name: str
-    init: Callable[[Any, Any], SolverState]
-    step: Callable[[Any, SolverState], SolverState]
+    name: ClassVar[str] = "solver"
+    needs: ClassVar[tuple[type, ...]] = ()
+
+    def init(self, problem, params) -> SolverState:
+        raise NotImplementedError
+
+    def step(self, problem, state: SolverState) -> SolverState:
+        raise NotImplementedError
+
+    def terminate(self, problem, state: SolverState, previous: SolverState, tolerance: Tolerance) -> jax.Array:
+        """Gradient-norm or Cauchy-type convergence (bool scalar); ``previous`` is ``state`` at the start."""
+        del problem
+        return gradient_small(state, tolerance) | cauchy(state, previous, tolerance)
+
+    def line_search_step(self, state: SolverState) -> jax.Array:
+        """The step length t the last step's line search accepted (NaN for solvers without one)."""
+        return jnp.full((), jnp.nan, state.value.dtype)
+
+
+def gradient_small(state: SolverState, tolerance: Tolerance) -> jax.Array:
+    """``||g|| <= tol.grad`` with ``tol.grad > 0``."""
+    return (tolerance.grad > 0) & (tree_norm(state.grad) <= tolerance.grad)
+
+
+def cauchy(state: SolverState, previous: SolverState, tolerance: Tolerance) -> jax.Array:
+    """Both ``|f_k - f_{k-1}|`` and ``||x_k - x_{k-1}||`` within ``atol + rtol * |current|`` after a step."""
+    on = ((tolerance.rtol > 0) | (tolerance.atol > 0)) & (state.count > previous.count)
+    value_ok = jnp.abs(state.value - previous.value) <= tolerance.atol + tolerance.rtol * jnp.abs(state.value)
+    params_ok = state.step_size <= tolerance.atol + tolerance.rtol * tree_norm(state.params)
+    return on & value_ok & params_ok
+
+
+def is_concrete(*values) -> bool:
+    """True if no value is a tracer (option checks are skipped for traced options, e.g. inside a sweep)."""
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(values))
+
+
+def check_option(name: str, value, ok: Callable[[Any], bool], expected: str) -> None:
+    """Raise ValueError ``name must be <expected>`` unless ``ok(value)`` (skipped for traced values)."""
+    if is_concrete(value) and not bool(np.all(ok(np.asarray(value)))):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_count(name: str, value, minimum: int = 1, maximum: int = 2**31 - 1) -> int:
+    """A static integer option in ``[minimum, maximum]`` (int32 range by default), as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if not minimum <= int(value) <= maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value!r}")
+    return int(value)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -92,30 +190,6 @@ class Sealed:
 
     def __repr__(self):
         return f"Sealed({self.content!r})"
-
-
-def cached_solver(constructor):
-    """Cache a solver constructor on its arguments with defaults applied.
-
-    ``newton()`` and ``newton(c1=1e-4)`` then return the same :class:`Solver`,
-    so ``solve`` compiles once per solver configuration. Arguments must be hashable.
-    """
-    signature = inspect.signature(constructor)
-    build = functools.cache(constructor)
-
-    @functools.wraps(constructor)
-    def cached(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return build(*bound.args, **bound.kwargs)
-
-    return cached
-
-
-def require(problem, method: str, solver: str) -> None:
-    """Raise ValueError if ``problem`` lacks the optional ``method`` that ``solver`` needs."""
-    if not hasattr(problem, method):
-        raise ValueError(f"solver {solver!r} needs problem.{method}, which {type(problem).__name__} does not have")
 
 
 def tree_norm(tree) -> jax.Array:
@@ -171,7 +245,7 @@ def advance(state: SolverState, params, value, grad, inner, accepted=True, finit
     direction was not finite) the iterate is kept and the status becomes
     ``NONFINITE``. Both may be traced bools."""
     accepted = jnp.asarray(accepted) & jnp.asarray(finite)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(accepted, n, o), new, old)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(accepted, n, o).astype(o.dtype), new, old)
     params, value, grad = keep((params, value, grad), (state.params, state.value, state.grad))
     step = jax.tree.map(jnp.subtract, params, state.params)
     failed = jnp.asarray(Status.LINESEARCH_FAILED, jnp.int32)

@@ -199,6 +199,8 @@ def _prepare(problem, x0, solver, max_steps, tol, rtol, atol, record_every, metr
     record_every = check_count("record_every", record_every, 1)
     if metrics is not None and not callable(metrics):
         raise ValueError(f"metrics must be a function (problem, params) -> dict of arrays, got {metrics!r}")
+    if isinstance(x0, list) and all(isinstance(leaf, (int, float)) for leaf in jax.tree.leaves(x0)):
+        x0 = np.asarray(x0)  # a (nested) list of numbers is an array, not a pytree of scalars
     leaves = jax.tree.leaves(x0)
     if not leaves:
         raise ValueError("x0 must be an array or a pytree of arrays, got an empty pytree")

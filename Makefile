@@ -24,3 +24,4 @@ bench: venv
 	$(PY) benchmarks/derivatives.py
 	$(PY) benchmarks/solvers.py
 	$(PY) benchmarks/kronecker.py
+	$(PY) benchmarks/sweeps.py

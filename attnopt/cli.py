@@ -43,8 +43,13 @@ def _run(args) -> int:
     except (OSError, ValueError) as err:
         print(f"attnopt run: {err}", file=sys.stderr)
         return 2
-    runs = experiments.run(config, args.out)
-    print(experiments.summary_table(runs))
+    outcome = experiments.run(config, args.out)
+    if isinstance(config, experiments.Config):
+        print(experiments.summary_table(outcome))
+    else:
+        from attnopt.studies import summary
+
+        print(summary(outcome))
     return 0
 
 

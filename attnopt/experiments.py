@@ -127,13 +127,20 @@ def load_config(path: str | Path) -> Config:
     return parse_config(raw, default_name=path.stem)
 
 
-def parse_config(raw: Mapping[str, Any], default_name: str = "experiment") -> Config:
+def parse_config(raw: Mapping[str, Any], default_name: str = "experiment"):
     """Validate a config given as nested dicts (as ``tomllib`` returns it).
+
+    A config whose ``[experiment]`` names a ``kind`` is a study (one of the published
+    experiments, :mod:`attnopt.studies`) and gives a ``StudyConfig``; otherwise a :class:`Config`.
 
     Checks sections, keys, value types, the problem name and its options, the
     solver names and their options, and builds each solver once (so the
     constructors' own checks run too), all before any work.
     """
+    if isinstance(raw.get("experiment"), dict) and "kind" in raw["experiment"]:
+        from attnopt.studies import parse_study
+
+        return parse_study(raw, default_name)
     for section in raw:
         if section not in _SECTIONS:
             raise ValueError(f"{section}: unknown section; known: {list(_SECTIONS)}")
@@ -237,9 +244,9 @@ def _check_options(where: str, options: Mapping[str, Any], fn: Callable, skip: t
     for key, value in options.items():
         if key not in params:
             raise ValueError(f"{where}.{key}: unknown option; known: {sorted(params)}")
-        if isinstance(value, (dict, list)):  # a schedule or a chain: checked when the solver is built
-            continue
         types = _option_types(params[key])
+        if isinstance(value, (dict, list)) and list not in types:  # a schedule or a chain: checked when built
+            continue
         if not types:
             raise ValueError(f"{where}.{key}: cannot be set from a config")
         _check_type(f"{where}.{key}", value, types)
@@ -252,6 +259,8 @@ def _option_types(p: inspect.Parameter) -> tuple[type, ...]:
     """Types a config may give for parameter ``p``: the default's type (ints count as
     floats), else the scalar types its annotation names, else any TOML scalar."""
     default = p.default
+    if isinstance(default, (list, tuple)):
+        return (list,)
     if default is not inspect.Parameter.empty and default is not None:
         if not isinstance(default, _SCALARS):
             return ()  # e.g. a GradientTransformation: not settable from a config
@@ -274,8 +283,10 @@ def make_solver(spec: SolverSpec):
 # --------------------------------------------------------------------------- running
 
 
-def run(config: Config, out_dir: str | Path | None = None, *, log: Callable[[str], None] = print) -> list[SolverRun]:
+def run(config, out_dir: str | Path | None = None, *, log: Callable[[str], None] = print):
     """Run every solver of ``config`` on its instance; write results.json and convergence.png.
+
+    A study config (see :func:`parse_config`) runs its experiment instead and returns its results dict.
 
     Args:
       config: from :func:`load_config` / :func:`parse_config`.
@@ -287,6 +298,10 @@ def run(config: Config, out_dir: str | Path | None = None, *, log: Callable[[str
     """
     from attnopt.solvers import Status, solve
 
+    if not isinstance(config, Config):
+        from attnopt.studies import run_study
+
+        return run_study(config, out_dir, log=log)
     if config.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     out = Path(out_dir or config.out_dir or Path("results") / config.name)

@@ -59,7 +59,10 @@ def weights(name: str, value, dtype, shape: tuple) -> jax.Array:
 
 
 def params_shape(name: str, x, shape: tuple) -> None:
-    """Raise ValueError unless the params x have ``shape`` (checked at trace time)."""
+    """Raise ValueError naming ``name`` unless x (params, or an operator's input) has ``shape``.
+
+    Checked at trace time, so it also runs inside jit.
+    """
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
 

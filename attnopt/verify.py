@@ -1,12 +1,20 @@
-"""Check a problem's hand-derived derivatives against JAX autodiff of its own loss."""
+"""Check a problem's hand-derived derivatives against JAX autodiff of its own loss.
+
+Only what the problem derives by hand (:meth:`Problem.hand_derived`) is
+compared; a quantity it leaves to the autodiff defaults of
+:class:`~attnopt.problems.base.Problem` is reported as "autodiff".
+"""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+
+from attnopt.problems.base import DERIVATIVES, Problem
 
 #: (rtol, atol) per dtype: a quantity passes when max|ours - autodiff| <= max(rtol * max|autodiff|, atol).
 TOLERANCES = {
@@ -14,16 +22,16 @@ TOLERANCES = {
     jnp.dtype("float32"): (1e-4, 1e-6),
 }
 
-QUANTITIES = ("grad", "hvp", "hessian")
-
 
 @dataclasses.dataclass(frozen=True)
 class DerivativeReport:
     """Result of :func:`check_derivatives`.
 
-    ``errors[q]`` is the max relative error of quantity q in {grad, hvp,
-    hessian}: ``max|ours - autodiff| / max(max|autodiff|, atol / rtol)``,
-    so a quantity passes when its error is at most ``rtol``.
+    ``errors[q]`` is the max relative error of each compared (hand-derived)
+    quantity q in {grad, hvp, hessian}: ``max|ours - autodiff| /
+    max(max|autodiff|, atol / rtol)``, so q passes when its error is at most
+    ``rtol``. ``autodiff`` lists the quantities the problem takes from
+    autodiff, which are not compared. ``ok`` covers the compared ones only.
     """
 
     name: str
@@ -31,23 +39,32 @@ class DerivativeReport:
     errors: dict
     rtol: float
     atol: float
+    autodiff: tuple = ()
 
     @property
     def ok(self) -> bool:
         return all(np.isfinite(e) and e <= self.rtol for e in self.errors.values())
+
+    @property
+    def note(self) -> str:
+        """A plain statement when nothing was compared, else ''."""
+        if self.errors:
+            return ""
+        return f"nothing to compare: {self.name} uses autodiff for {', '.join(self.autodiff)}"
 
     def __str__(self) -> str:
         return format_reports([self])
 
 
 def format_reports(reports) -> str:
-    """One table, a row per report."""
-    header = f"{'problem':<28} {'dtype':<8}" + "".join(f"{q:>11}" for q in QUANTITIES) + f"{'rtol':>9}  ok"
+    """One table, a row per report; "autodiff" marks a quantity that was not compared."""
+    header = f"{'problem':<28} {'dtype':<8}" + "".join(f"{q:>11}" for q in DERIVATIVES) + f"{'rtol':>9}  ok"
     rows = [header, "-" * len(header)]
     for r in reports:
-        errs = "".join(f"{r.errors[q]:>11.2e}" for q in QUANTITIES)
-        rows.append(f"{r.name:<28} {r.dtype:<8}{errs}{r.rtol:>9.0e}  {'yes' if r.ok else 'NO'}")
-    return "\n".join(rows)
+        errs = "".join(f"{r.errors[q]:>11.2e}" if q in r.errors else f"{'autodiff':>11}" for q in DERIVATIVES)
+        verdict = ("yes" if r.ok else "NO") if r.errors else "-"
+        rows.append(f"{r.name:<28} {r.dtype:<8}{errs}{r.rtol:>9.0e}  {verdict}")
+    return "\n".join(rows + [r.note for r in reports if r.note])
 
 
 def _rel_error(ours, ref, rtol, atol) -> float:
@@ -58,28 +75,30 @@ def _rel_error(ours, ref, rtol, atol) -> float:
     return float(np.max(np.abs(ours - ref), initial=0.0)) / scale
 
 
-@jax.jit
-def _hand_derived(problem, x, v):
-    """The problem's own grad, hvp (flattened) and hessian."""
-    return ravel_pytree(problem.grad(x))[0], ravel_pytree(problem.hvp(x, v))[0], problem.hessian(x)
+@functools.partial(jax.jit, static_argnames=("owner", "quantities"))
+def _evaluate(problem, x, v, owner, quantities):
+    """The ``quantities`` from ``owner``'s methods called on problem: grad and hvp flattened, hessian (N, N).
 
-
-@jax.jit
-def _autodiff(problem, x, v):
-    """jax.grad, jvp-of-grad and jax.hessian of the loss over the flattened params."""
-    flat, unravel = ravel_pytree(x)
-    flat_grad = jax.grad(lambda y: problem.loss(unravel(y)))
-    hvp = jax.jvp(flat_grad, (flat,), (ravel_pytree(v)[0],))[1]
-    return flat_grad(flat), hvp, jax.jacfwd(flat_grad)(flat)
+    ``owner`` is ``type(problem)`` for the problem's own formulas, or
+    :class:`Problem` for the autodiff references.
+    """
+    methods = {
+        "grad": lambda: ravel_pytree(owner.grad(problem, x))[0],
+        "hvp": lambda: ravel_pytree(owner.hvp(problem, x, v))[0],
+        "hessian": lambda: owner.hessian(problem, x),
+    }
+    return tuple(methods[q]() for q in quantities)
 
 
 def check_derivatives(problem, x, v=None, *, name=None, rtol=None, atol=None) -> DerivativeReport:
-    """Compare ``problem.grad``, ``hvp`` and ``hessian`` at params x with autodiff.
+    """Compare the problem's hand-derived ``grad``, ``hvp`` and ``hessian`` at params x with autodiff.
 
     The references are ``jax.grad(loss)``, ``jax.jvp(jax.grad(loss))`` and
     ``jax.hessian`` of ``loss`` over the flattened params (so the Hessian is
-    (N, N) in ``ravel_pytree`` order). v defaults to a seeded normal
-    direction. Tolerances default to :data:`TOLERANCES` for the params' dtype.
+    (N, N) in ``ravel_pytree`` order): the defaults of :class:`Problem`.
+    Quantities the problem does not override are not compared (reported as
+    "autodiff"). v defaults to a seeded normal direction. Tolerances default
+    to :data:`TOLERANCES` for the params' dtype.
     """
     flat, unravel = ravel_pytree(x)
     dtype = flat.dtype
@@ -88,9 +107,17 @@ def check_derivatives(problem, x, v=None, *, name=None, rtol=None, atol=None) ->
     atol = default_atol if atol is None else atol
     if v is None:
         v = unravel(jax.random.normal(jax.random.PRNGKey(0), flat.shape, dtype))
-    ours = dict(zip(QUANTITIES, _hand_derived(problem, x, v)))
-    refs = dict(zip(QUANTITIES, _autodiff(problem, x, v)))
-    errors = {q: _rel_error(ours[q], refs[q], rtol, atol) for q in QUANTITIES}
+    compared = problem.hand_derived()
+    errors = {}
+    if compared:
+        ours = _evaluate(problem, x, v, type(problem), compared)
+        refs = _evaluate(problem, x, v, Problem, compared)
+        errors = {q: _rel_error(o, r, rtol, atol) for q, o, r in zip(compared, ours, refs)}
     return DerivativeReport(
-        name=name or type(problem).__name__, dtype=str(dtype), errors=errors, rtol=rtol, atol=atol
+        name=name or type(problem).__name__,
+        dtype=str(dtype),
+        errors=errors,
+        rtol=rtol,
+        atol=atol,
+        autodiff=tuple(q for q in DERIVATIVES if q not in compared),
     )

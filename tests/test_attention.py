@@ -1,7 +1,9 @@
-"""Attention regression L(X, Y): derivatives vs autodiff and a dense-Kronecker oracle, block layout, Y solve, jit, vmap, bad input."""
-import contextlib
-import io
+"""Attention regression L(X, Y): a dense-Kronecker oracle, Hessian block layout, the Y solve, bad input.
 
+Derivatives vs autodiff, jit, vmap, NaN/shape input and the domain of every
+registered problem are in test_problem_conformance.py; the sizes here all
+differ, so a transposed factor or a swapped block fails.
+"""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,6 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import attnopt
-from attnopt import cli
 from attnopt.problems.attention import AttentionParams, AttentionRegression
 from attnopt.problems.registry import make
 
@@ -17,16 +18,16 @@ from attnopt.problems.registry import make
 N, N2, D1, D2, D3, M = 6, 5, 3, 2, 4, 3
 
 
-def instance(seed=0, dtype=jnp.float64, scale=0.7):
+def instance(seed=0, scale=0.7):
     k = jax.random.split(jax.random.PRNGKey(seed), 6)
     problem = AttentionRegression(
-        jax.random.normal(k[0], (N, D1), dtype),
-        jax.random.normal(k[1], (N2, D2), dtype),
-        jax.random.normal(k[2], (N2, D3), dtype),
-        jax.random.normal(k[3], (N, M), dtype),
+        jax.random.normal(k[0], (N, D1)),
+        jax.random.normal(k[1], (N2, D2)),
+        jax.random.normal(k[2], (N2, D3)),
+        jax.random.normal(k[3], (N, M)),
     )
     params = AttentionParams(
-        scale * jax.random.normal(k[4], (D1, D2), dtype), jax.random.normal(k[5], (D3, M), dtype) / D3**0.5
+        scale * jax.random.normal(k[4], (D1, D2)), jax.random.normal(k[5], (D3, M)) / D3**0.5
     )
     return problem, params
 
@@ -40,24 +41,9 @@ def dense_loss(problem, flat):
     return 0.5 * jnp.sum(R * R)
 
 
-@pytest.mark.parametrize("seed,scale", [(0, 0.3), (1, 1.0), (2, 2.0)])
-def test_derivatives_match_autodiff_float64(seed, scale):
-    problem, params = instance(seed, scale=scale)
-    report = attnopt.check_derivatives(problem, params)
-    assert report.rtol == 1e-10
-    assert report.ok, str(report)
-
-
-def test_derivatives_match_autodiff_float32():
-    problem, params = instance(1, jnp.float32)
-    assert problem.loss(params).dtype == jnp.float32 and problem.hessian(params).dtype == jnp.float32
-    report = attnopt.check_derivatives(problem, params)
-    assert report.dtype == "float32" and report.rtol > 1e-8
-    assert report.ok, str(report)
-
-
-def test_matches_dense_reference_and_block_layout():
-    problem, params = instance(3)
+@pytest.mark.parametrize("seed,scale", [(3, 0.7), (1, 2.0)])
+def test_matches_dense_reference_and_block_layout(seed, scale):
+    problem, params = instance(seed, scale)
     flat, unravel = ravel_pytree(params)
     f = lambda z: dense_loss(problem, z)
     H = jax.hessian(f)(flat)
@@ -93,15 +79,14 @@ def test_solve_y_is_the_least_squares_minimiser():
     assert problem.loss((params.X, Y)) < problem.loss(params)
 
 
-def test_jit_and_vmap_over_stacked_problems():
+def test_solve_y_and_hessian_x_under_jit_and_vmap():
     pairs = [instance(seed) for seed in range(3)]
     problems = attnopt.stack([p for p, _ in pairs])
     params = jax.tree.map(lambda *a: jnp.stack(a), *[x for _, x in pairs])
-    fn = jax.jit(jax.vmap(lambda p, x: (p.loss(x), p.grad(x), p.hvp(x, x), p.hessian(x), p.solve_y(x.X))))
-    batched = fn(problems, params)
+    fn = lambda p, x: (p.solve_y(x.X), p.hessian_x(x))
+    batched = jax.jit(jax.vmap(fn))(problems, params)
     for i, (p, x) in enumerate(pairs):
-        single = (p.loss(x), p.grad(x), p.hvp(x, x), p.hessian(x), p.solve_y(x.X))
-        for b, s in zip(jax.tree.leaves(batched), jax.tree.leaves(single)):
+        for b, s in zip(batched, fn(p, x)):
             np.testing.assert_allclose(b[i], s, rtol=1e-10, atol=1e-12)
 
 
@@ -111,12 +96,6 @@ def test_bad_inputs():
         AttentionRegression(A1, A2, jnp.ones((N, D3)), B)
     with pytest.raises(ValueError, match=r"B \(A1 has 6 rows\) must have shape \(6, \?\)"):
         AttentionRegression(A1, A2, A3, jnp.ones((N2, M)))
-    with pytest.raises(ValueError, match=r"A1 must have shape \(\?, \?\)"):
-        AttentionRegression(jnp.ones(N), A2, A3, B)
-    with pytest.raises(ValueError, match=r"A2 contains non-finite"):
-        AttentionRegression(A1, A2.at[0, 0].set(jnp.inf), A3, B)
-    with pytest.raises(ValueError, match=r"B .* contains non-finite"):
-        AttentionRegression(A1, A2, A3, B.at[0, 0].set(jnp.nan))
     problem = AttentionRegression(A1, A2, A3, B)
     X, Y = jnp.zeros((D1, D2)), jnp.zeros((D3, M))
     with pytest.raises(ValueError, match=r"params\[0\] \(X\) must have shape \(3, 2\)"):
@@ -143,13 +122,3 @@ def test_generator_plants_a_zero_residual_solution():
     assert 0.0 < distance < 0.5
     with pytest.raises(ValueError, match="start must be"):
         make("attention", jax.random.PRNGKey(0), start="far")
-
-
-def test_attnopt_check_covers_the_new_problems():
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = cli.main(["check"])
-    text = out.getvalue()
-    assert code == 0, text
-    for name in ("attention", "matrix_softmax", "matrix_rescaled"):
-        assert any(line.startswith(name + " ") and line.endswith("yes") for line in text.splitlines()), text

@@ -1,11 +1,12 @@
-"""KroneckerOperator against the dense ``jnp.kron`` matrix: mv, rmv, transpose, sandwich, jit, vmap."""
+"""KroneckerOperator against the dense ``jnp.kron`` matrix (mv, rmv, transpose, sandwich, jit, vmap),
+and DenseOperator, which shares its interface, against plain matrix products."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.scipy.linalg import block_diag
 
-from attnopt.operators import DiagPlusLowRank, KroneckerOperator
+from attnopt.operators import DenseOperator, DiagPlusLowRank, KroneckerOperator
 
 # Rectangular, all different, so a transposed or swapped factor fails on shapes or values.
 M1, D1, M2, D2, K = 5, 3, 4, 2, 3
@@ -32,7 +33,7 @@ def test_as_matrix_is_row_major_kron():
     X = jax.random.normal(jax.random.PRNGKey(2), (D1, D2))
     assert op.shape == (M1 * M2, D1 * D2) and op.in_shape == (D1, D2) and op.out_shape == (M1, M2)
     np.testing.assert_allclose(op.as_matrix(), np.kron(op.A1, op.A2), rtol=1e-15)
-    # the MATH.md convention, checked with NumPy on its own
+    # the row-major convention (docs/math.md, Matrix (tensor-trick) regression), checked with NumPy on its own
     np.testing.assert_allclose(np.kron(op.A1, op.A2) @ np.ravel(X), np.ravel(op.A1 @ X @ op.A2.T), rtol=1e-12)
 
 
@@ -122,3 +123,28 @@ def test_bad_shapes():
     for method in (op.sandwich, lambda b: op.sandwich_mv(b, jnp.ones((D1, D2)))):
         with pytest.raises(ValueError, match=r"B.diag must have shape \(5, 4\)"):
             method(B._replace(diag=B.diag.T))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_dense_operator_matches_matrix_products(jit):
+    """The KroneckerOperator interface on a dense A (M1, D1): A x, A^T y, A^T B A and A^T B A x."""
+    A = np.asarray(operator().A1)
+    op = DenseOperator(jnp.asarray(A))
+    kd, ku, km = jax.random.split(jax.random.PRNGKey(6), 3)
+    M = jax.random.normal(km, (K, K))
+    B = DiagPlusLowRank(jax.random.normal(kd, (M1,)), jax.random.normal(ku, (M1, K)), M + M.T)
+    x, y = np.linspace(-1.0, 1.0, D1), np.linspace(0.5, -2.0, M1)
+    call = (lambda f, *a: jax.jit(f)(*a)) if jit else (lambda f, *a: f(*a))
+    assert op.shape == (M1, D1) and op.in_shape == (D1,) and op.out_shape == (M1,)
+    np.testing.assert_array_equal(op.as_matrix(), A)
+    dense_B = np.asarray(B.as_matrix())
+    np.testing.assert_allclose(call(DenseOperator.mv, op, x), A @ x, rtol=1e-13)
+    np.testing.assert_allclose(call(DenseOperator.rmv, op, y), A.T @ y, rtol=1e-13)
+    np.testing.assert_allclose(call(DenseOperator.sandwich, op, B), A.T @ dense_B @ A, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(call(DenseOperator.sandwich_mv, op, B, x), A.T @ dense_B @ A @ x, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"x must have shape \(3,\)"):
+        op.mv(jnp.ones(M1))
+    with pytest.raises(ValueError, match=r"y must have shape \(5,\)"):
+        op.rmv(jnp.ones(D1))
+    with pytest.raises(ValueError, match=r"B.diag must have shape \(5,\)"):
+        op.sandwich(B._replace(diag=jnp.ones(D1)))

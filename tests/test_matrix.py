@@ -1,12 +1,15 @@
-"""Matrix (tensor-trick) regression: row-block decomposition, dense-Kronecker reference, autodiff, jit, vmap, bad input."""
+"""Matrix (tensor-trick) regression: row-block decomposition, dense-Kronecker reference, Gauss-Newton, bad input.
+
+Derivatives vs autodiff, jit, vmap, NaN/shape input and the domain of every
+registered problem are in test_problem_conformance.py; the rectangular sizes
+here catch a transposed or swapped Kronecker factor, which the square
+generated instances there cannot.
+"""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-import attnopt
 from attnopt.problems.matrix import MatrixRescaledRegression, MatrixSoftmaxRegression
 from attnopt.problems.registry import make
 from attnopt.problems.regression import RescaledRegression, SoftmaxRegression
@@ -29,14 +32,14 @@ PROBLEMS = {
 }
 
 
-def instance(name, seed=0, dtype=jnp.float64, scale=0.5, reg="matrix", ridge=0.3):
+def instance(name, seed=0, dtype=jnp.float64, reg="matrix"):
     k1, k2, kb, kw, kx = jax.random.split(jax.random.PRNGKey(seed), 5)
     A1 = jax.random.normal(k1, (N1, D1), dtype)
     A2 = jax.random.normal(k2, (N2, D2), dtype)
     B = jax.random.uniform(kb, (N1, N2), dtype) / N2
     W = jax.random.uniform(kw, (N1, N2), dtype) if reg == "matrix" else reg
-    problem = PROBLEMS[name][0](A1, A2, B, W, ridge)
-    X = scale * jax.random.normal(kx, (D1, D2), dtype) / (D1 * D2) ** 0.5  # not symmetric, not square
+    problem = PROBLEMS[name][0](A1, A2, B, W, 0.3)
+    X = 0.5 * jax.random.normal(kx, (D1, D2), dtype) / (D1 * D2) ** 0.5  # not symmetric, not square
     return problem, X
 
 
@@ -79,26 +82,6 @@ def test_matches_dense_kronecker_reference(name):
 
 
 @pytest.mark.parametrize("name", PROBLEMS)
-@settings(max_examples=5, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), scale=st.floats(0.1, 2.0))
-def test_derivatives_match_autodiff_float64(name, seed, scale):
-    problem, X = instance(name, seed, scale=scale)
-    report = attnopt.check_derivatives(problem, X)
-    assert report.rtol == 1e-10
-    assert report.ok, str(report)
-
-
-@pytest.mark.parametrize("name", PROBLEMS)
-def test_derivatives_match_autodiff_float32(name):
-    problem, X = instance(name, 1, jnp.float32, reg=0.5)
-    assert problem.loss(X).dtype == jnp.float32
-    assert problem.hessian(X).dtype == jnp.float32 and problem.grad(X).dtype == jnp.float32
-    report = attnopt.check_derivatives(problem, X)
-    assert report.dtype == "float32" and report.rtol > 1e-8
-    assert report.ok, str(report)
-
-
-@pytest.mark.parametrize("name", PROBLEMS)
 def test_gauss_newton_is_jacobian_gram(name):
     """GN = J^T J of the stacked residual [link residual(Z); W∘Z; sqrt(λ) X], PSD."""
     problem, X = instance(name, 2)
@@ -112,19 +95,6 @@ def test_gauss_newton_is_jacobian_gram(name):
     np.testing.assert_allclose(problem.gauss_newton_matrix(X), J.T @ J, rtol=1e-10, atol=1e-12)
     V = jnp.arange(1.0, D1 * D2 + 1).reshape(D1, D2)
     np.testing.assert_allclose(problem.gauss_newton_hvp(X, V).reshape(-1), J.T @ J @ V.reshape(-1), rtol=1e-10)
-
-
-@pytest.mark.parametrize("name", PROBLEMS)
-def test_jit_and_vmap_over_stacked_problems(name):
-    pairs = [instance(name, seed) for seed in range(3)]
-    problems = attnopt.stack([p for p, _ in pairs])
-    Xs = jnp.stack([X for _, X in pairs])
-    Vs = jnp.flip(Xs, axis=0)
-    batched = jax.jit(jax.vmap(lambda p, X, V: (p.loss(X), p.grad(X), p.hvp(X, V), p.hessian(X))))(problems, Xs, Vs)
-    for i, (p, X) in enumerate(pairs):
-        single = (p.loss(X), p.grad(X), p.hvp(X, Vs[i]), p.hessian(X))
-        for b, s in zip(batched, single):
-            np.testing.assert_allclose(b[i], s, rtol=1e-12, atol=1e-14)
 
 
 def test_scalar_reg_broadcasts():
@@ -147,12 +117,6 @@ def test_bad_inputs():
     A1, A2, B = jnp.ones((N1, D1)), jnp.ones((N2, D2)), jnp.ones((N1, N2))
     with pytest.raises(ValueError, match=r"B \(rows of A1 x rows of A2\) must have shape \(5, 4\)"):
         MatrixSoftmaxRegression(A1, A2, B.T)
-    with pytest.raises(ValueError, match=r"A2 must have shape"):
-        MatrixSoftmaxRegression(A1, jnp.ones(N2), B)
-    with pytest.raises(ValueError, match=r"A1 contains non-finite"):
-        MatrixSoftmaxRegression(A1.at[0, 0].set(jnp.nan), A2, B)
-    with pytest.raises(ValueError, match=r"B .* contains non-finite"):
-        MatrixRescaledRegression(A1, A2, B.at[1, 1].set(jnp.inf))
     with pytest.raises(ValueError, match=r"reg must be nonnegative"):
         MatrixSoftmaxRegression(A1, A2, B, reg=-1.0)
     with pytest.raises(ValueError, match=r"reg \(a scalar or an array\) must have shape \(5, 4\)"):

@@ -1,4 +1,4 @@
-"""check_derivatives must catch wrong formulas, not only bless right ones."""
+"""check_derivatives must catch wrong formulas, not only bless right ones, and compare only hand-derived ones."""
 import dataclasses
 
 import jax
@@ -8,6 +8,7 @@ import pytest
 
 import attnopt
 from attnopt.operators import DiagPlusLowRank
+from attnopt.problems.base import Problem
 from attnopt.problems.links import SoftmaxLink
 
 
@@ -90,3 +91,42 @@ def test_explicit_direction_is_used():
     assert report.errors["hvp"] == 0.0
     assert report.errors["hessian"] > report.rtol
     np.testing.assert_array_equal(np.isfinite(list(report.errors.values())), True)
+
+
+class LossOnly(Problem):
+    """Defines only ``loss``: ``1/4 ||A x||_4^4``; grad, hvp and hessian come from autodiff."""
+
+    leaves = ("A",)
+
+    def __init__(self, A):
+        self._set(A=jnp.asarray(A))
+
+    def loss(self, x):
+        return 0.25 * jnp.sum((self.A @ x) ** 4)
+
+
+class HalvedGradient(LossOnly):
+    """A hand gradient off by a factor 1/2; hvp and hessian stay autodiff."""
+
+    def grad(self, x):
+        z = self.A @ x
+        return 0.5 * (z**3 @ self.A)
+
+
+def test_loss_only_problem_has_nothing_to_compare():
+    problem, x = LossOnly(jnp.arange(6.0).reshape(3, 2) / 6), jnp.array([0.5, -1.0])
+    report = attnopt.check_derivatives(problem, x, name="loss_only")
+    assert report.errors == {} and report.autodiff == ("grad", "hvp", "hessian")
+    assert report.ok
+    text = str(report)
+    assert "nothing to compare: loss_only uses autodiff for grad, hvp, hessian" in text
+    assert text.count("autodiff") == 4 and "yes" not in text
+
+
+def test_only_hand_derived_quantities_are_compared():
+    problem, x = HalvedGradient(jnp.arange(6.0).reshape(3, 2) / 6), jnp.array([0.5, -1.0])
+    report = attnopt.check_derivatives(problem, x)
+    assert set(report.errors) == {"grad"} and report.autodiff == ("hvp", "hessian")
+    assert report.errors["grad"] > 0.1 and not report.ok
+    row = str(report).splitlines()[-1]
+    assert row.split()[-4:] == ["autodiff", "autodiff", "1e-10", "NO"] and "nothing to compare" not in str(report)

@@ -295,3 +295,154 @@ def diff_loss(
         axes[0, col].legend(fontsize="small")
         axes[0, col].grid(True, alpha=0.3)
     return results, fig
+
+
+# --------------------------------------------------------------------------- 2308.16898, Transformers as SVMs
+
+
+def local_converge_data(seed: int, instances: int, n: int, T: int, d: int, dtype):
+    """Stacked CrossAttention instances (tokens, queries and v uniform on the sphere, random labels)
+    with param "W", the same data with param "KQ", and the shared starts: K0, Q0 uniform in
+    [-1/sqrt(d), 1/sqrt(d)] and W0 = K0 Q0^T."""
+    from attnopt.problems.maxmargin import CrossAttention
+    from attnopt.problems.registry import make
+
+    keys = jax.random.split(jax.random.key(seed), instances)
+    W_problems = jax.jit(jax.vmap(lambda k: make("cross_attention", k, n=n, T=T, d=d, dtype=dtype).problem))(keys)
+    KQ_problems = jax.jit(jax.vmap(lambda p: CrossAttention(p.X, p.Y, p.Z, p.v, param="KQ")))(W_problems)
+    bound = 1 / np.sqrt(d)
+    K0, Q0 = (jax.random.uniform(k, (instances, d, d), dtype, -bound, bound)
+              for k in jax.random.split(jax.random.fold_in(jax.random.key(seed), 1)))
+    return W_problems, KQ_problems, (K0, Q0), K0 @ jnp.swapaxes(Q0, 1, 2)
+
+
+def record_key_query(problem, params):
+    """Metrics: W (= K Q^T for the factorised parametrisation) and the mean top softmax probability."""
+    return {"W": problem.key_query(params), "top_probability": jnp.mean(jnp.max(problem.attention(params), axis=-1))}
+
+
+def _band(ax, steps, values, label, **style):
+    """Median over instances (axis 0) with the 10-90% band."""
+    lo, mid, hi = np.nanpercentile(values, [10, 50, 90], axis=0)
+    line = ax.plot(steps, mid, label=label, **style)
+    ax.fill_between(steps, lo, hi, color=line[0].get_color(), alpha=0.2)
+
+
+@experiment
+def local_converge(
+    *, instances: int = 100, n: int = 6, T: int = 8, d: int = 10, learning_rate: float = 0.1, steps: int = 2000,
+    report_steps: list = (100, 200, 500, 1000, 2000), record_every: int = 100, eps: float = 0.0, seed: int = 0,
+    dtype: str = "float64",
+):
+    """Cross attention trained by normalized GD on W and on (K, Q) (W = K Q^T, per-factor normalisation),
+    logistic loss, all instances in one vmapped solve per parametrisation.
+
+    The selection is each run's final softmax argmax; its Frobenius and nuclear-norm W-SVMs are
+    solved in one batched call each. Reports corr of the iterate with both SVMs at
+    ``report_steps`` (median and 10-90% over instances), the mean top softmax probability, the
+    numerical ranks, and how many selections are feasible / locally optimal. Published: W
+    iterates reach corr about 0.99 with the Frobenius SVM by step 1000; K, Q iterates align
+    with the nuclear-norm SVM instead. ``eps`` is the normalisation's ``||g|| + eps`` (the public
+    code used 2.2e-16; here the gradient is computed without cancellation, so 0 works).
+    """
+    from attnopt.maxmargin.tokens import numerical_rank
+
+    W_problems, KQ_problems, (K0, Q0), W0 = local_converge_data(seed, instances, n, T, d, dtype)
+    runs = {
+        "W": _ngd_runs(W_problems, W0, learning_rate=learning_rate, steps=steps, eps=eps,
+                       metrics=record_key_query, record_every=record_every),
+        "KQ": _ngd_runs(KQ_problems, (K0, Q0), learning_rate=learning_rate, steps=steps, eps=eps,
+                        metrics=record_key_query, record_every=record_every),
+    }
+    recorded = np.asarray(runs["W"].trace.step[0])
+    report = [s for s in report_steps if s in recorded]
+    fig, axes = _figure(1, 3)
+    results = {"normalisation": f"g / (||g|| + {eps:g}) per parameter leaf", "parametrisations": {}}
+    for col, (name, run) in enumerate(runs.items()):
+        problems = W_problems if name == "W" else KQ_problems
+        alpha = jax.vmap(selected_tokens)(problems, run.state.params)
+        fro = jax.vmap(lambda p, a: attention_svm(p, a, norm="fro"))(W_problems, alpha)
+        nuc = jax.vmap(lambda p, a: attention_svm(p, a, norm="nuc"))(W_problems, alpha)
+        local = jax.vmap(is_locally_optimal)(W_problems, alpha)
+        W_path = np.asarray(run.trace.metrics["W"]).reshape(instances, len(recorded), -1)
+        corr = {norm: cosine(W_path, np.asarray(svm.solution).reshape(instances, 1, -1)) for norm, svm in
+                (("fro", fro), ("nuc", nuc))}
+        top = np.asarray(run.trace.metrics["top_probability"])
+        index = [int(np.flatnonzero(recorded == s)[0]) for s in report]
+        results["parametrisations"][name] = {
+            "feasible_fro": int(np.sum(fro.feasible)), "feasible_nuc": int(np.sum(nuc.feasible)),
+            "locally_optimal": int(np.sum(local)),
+            "max_kkt_residual": float(np.nanmax(np.where(fro.feasible, fro.kkt_residual, np.nan))),
+            "final_rank_median": float(np.median(numerical_rank(run.trace.metrics["W"][:, -1], 1e-3))),
+            "svm_rank_fro_median": float(np.median(numerical_rank(fro.solution, 1e-6))),
+            "svm_rank_nuc_median": float(np.median(numerical_rank(nuc.solution, 1e-6))),
+            **{f"corr_{norm}": {str(s): {"median": float(np.nanmedian(c[:, i])), "p10": float(np.nanpercentile(c[:, i], 10)),
+                                         "p90": float(np.nanpercentile(c[:, i], 90))} for s, i in zip(report, index)}
+               for norm, c in corr.items()},
+            "top_probability_mean": {str(s): float(np.mean(top[:, i])) for s, i in zip(report, index)},
+        }
+        for norm, style in (("fro", "-"), ("nuc", "--")):
+            _band(axes[0, col], recorded[1:], corr[norm][:, 1:], f"corr with the {norm} W-SVM", linestyle=style)
+        axes[0, col].set(xscale="log", xlabel="step", ylabel="corr(W_k, W_svm)", ylim=(0, 1.02),
+                         title=f"{'W' if name == 'W' else 'K Q^T'}-parametrised ({instances} instances)")
+        axes[0, col].legend(fontsize="small", loc="lower right")
+        _band(axes[0, 2], recorded[1:], top[:, 1:], name)
+    axes[0, 2].set(xscale="log", xlabel="step", ylabel="mean top softmax probability", title="saturation")
+    axes[0, 2].legend(fontsize="small")
+    for ax in axes[0]:
+        ax.grid(True, alpha=0.3)
+    return results, fig
+
+
+@experiment
+def svm_rank(
+    *, sizes: list = ((5, 5), (10, 10), (15, 15)), dims: list = tuple(range(1, 21)), instances: int = 10,
+    rtol: float = 1e-6, seed: int = 0, dtype: str = "float64",
+):
+    """Rank of the Frobenius and nuclear-norm W-SVM solutions of the optimal tokens (argmax gamma)
+    for each (n, T) in ``sizes`` and d in ``dims``, ``instances`` random instances each.
+
+    Infeasible instances are counted separately (the published figure counted them as rank 1),
+    and the rank is decided relative to the largest singular value of an accurate solution
+    (``rtol``). Data as in local_converge; tokens are padded with zero features to the largest
+    d, which leaves each SVM's solution (and rank) unchanged and compiles once per size.
+    """
+    from attnopt.maxmargin.tokens import numerical_rank
+    from attnopt.problems.maxmargin import CrossAttention
+    from attnopt.problems.registry import make
+
+    dims = [int(d) for d in dims]
+    width = max(dims)
+    fig, axes = _figure(1, 2)
+    results = []
+    for n, T in sizes:
+        rows = []
+        for d in dims:
+            keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1000 * n + d), instances)
+            pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - d)])
+
+            def padded(key):
+                p = make("cross_attention", key, n=n, T=T, d=d, dtype=dtype).problem
+                return CrossAttention(pad(p.X), p.Y, pad(p.Z), pad(p.v))
+
+            rows.append(jax.jit(jax.vmap(padded))(keys))
+        problems = jax.tree.map(lambda *xs: jnp.concatenate(xs), *rows)
+        alpha = jax.vmap(optimal_tokens)(problems)
+        entry = {"n": n, "T": T, "d": dims}
+        for norm in ("fro", "nuc"):
+            svm = jax.vmap(lambda p, a: attention_svm(p, a, norm=norm))(problems, alpha)
+            ranks = np.asarray(numerical_rank(svm.solution, rtol)).reshape(len(dims), instances).astype(float)
+            feasible = np.asarray(svm.feasible).reshape(len(dims), instances)
+            ranks[~feasible] = np.nan
+            entry[f"{norm}_rank_mean"] = [float(np.nanmean(r)) if np.any(f) else None for r, f in zip(ranks, feasible)]
+            entry[f"{norm}_infeasible"] = [int(np.sum(~f)) for f in feasible]
+            entry[f"{norm}_max_kkt_residual"] = float(np.nanmax(np.where(svm.feasible, svm.kkt_residual, np.nan)))
+            axes[0, 0 if norm == "fro" else 1].plot(dims, entry[f"{norm}_rank_mean"], "o-", ms=3, label=f"n = {n}, T = {T}")
+        results.append(entry)
+    for col, norm in enumerate(("Frobenius", "nuclear")):
+        axes[0, col].plot(dims, dims, "k:", lw=1, label="rank = d")
+        axes[0, col].set(xlabel="d", ylabel=f"mean rank (feasible instances, rtol {rtol:g})",
+                         title=f"{norm}-norm W-SVM of the optimal tokens")
+        axes[0, col].legend(fontsize="small")
+        axes[0, col].grid(True, alpha=0.3)
+    return {"sizes": results, "instances": instances, "rtol": rtol}, fig

@@ -9,3 +9,4 @@ from attnopt.problems.regression import (
 )
 from attnopt.problems.matrix import MatrixLinkRegression, MatrixRescaledRegression, MatrixSoftmaxRegression
 from attnopt.problems.attention import AttentionParams, AttentionRegression
+from attnopt.problems.maxmargin import CrossAttention, PromptAttention

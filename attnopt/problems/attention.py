@@ -3,7 +3,8 @@
 Shapes: A1 (n, d1) queries, A2 (n2, d2) keys, A3 (n2, d3) values, B (n, m)
 target; params X (d1, d2) (plays Q K^T) and Y (d3, m) (plays V). The papers
 take all of A1, A2, A3, B (n, d) and X, Y (d, d), and write the squared norm
-without the factor 1/2; attnopt keeps it. With (../shared/MATH.md section 5)
+without the factor 1/2; attnopt keeps it. With
+(docs/math.md, Attention regression L(X, Y))
 
     F = row_softmax(A1 X A2^T) (n, n2),  P = F A3,  H = A3 Y,  C = F H - B,  Q = C H^T
     S(M) = F∘M - rowsum(F∘M)∘F   (each row's softmax Jacobian S_j = diag(f_j) - f_j f_j^T applied to M)

@@ -9,17 +9,27 @@ problem from leaves (inside jit or vmap) bypasses that check.
 Every problem has pure methods over params (an array or a pytree of arrays)::
 
     loss(params) -> ()             the objective (with the factor 1/2)
-    grad(params) -> like params    hand-derived gradient
-    hvp(params, v) -> like params  hand-derived Hessian-vector product
-    hessian(params) -> (N, N)      hand-assembled Hessian, N = size of params,
-                                   in the order of ``jax.flatten_util.ravel_pytree``
+    grad(params) -> like params    gradient
+    hvp(params, v) -> like params  Hessian-vector product
+    hessian(params) -> (N, N)      Hessian, N = size of params, in the order
+                                   of ``jax.flatten_util.ravel_pytree``
+
+A subclass must define ``loss``; ``grad``, ``hvp`` and ``hessian`` default to
+autodiff of it, and a subclass overrides them with its hand-derived formulas
+(:meth:`Problem.hand_derived` lists which). ``arguments()`` and
+``rebuild(**changes)`` rebuild an instance through ``__init__``.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+#: The derivatives a problem may hand-derive; the rest come from autodiff of ``loss``.
+DERIVATIVES = ("grad", "hvp", "hessian")
 
 
 class Problem:
@@ -72,6 +82,51 @@ class Problem:
     @property
     def dtype(self):
         return getattr(self, self.leaves[0]).dtype
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments of ``__init__`` that rebuild this instance.
+
+        Each parameter of ``__init__`` is read from the field of the same name;
+        a subclass whose field differs from its argument overrides this.
+        """
+        names = list(inspect.signature(type(self).__init__).parameters)[1:]
+        return {k: getattr(self, k) for k in names}
+
+    def rebuild(self, **changes) -> "Problem":
+        """A new instance from :meth:`arguments` updated with ``changes``, validated by ``__init__``.
+
+        Raises ValueError for an unknown argument or a bad value.
+        """
+        arguments = self.arguments()
+        unknown = set(changes) - set(arguments)
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no arguments {sorted(unknown)}; known: {list(arguments)}")
+        return type(self)(**(arguments | changes))
+
+    @classmethod
+    def hand_derived(cls) -> tuple[str, ...]:
+        """Which of ``DERIVATIVES`` the class overrides with its own code (the rest use autodiff)."""
+        return tuple(q for q in DERIVATIVES if getattr(cls, q) is not getattr(Problem, q))
+
+    def loss(self, params) -> jax.Array:
+        """The scalar objective; every subclass defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define loss(params)")
+
+    @jax.jit
+    def grad(self, params):
+        """Gradient, like params: ``jax.grad(loss)``."""
+        return jax.grad(self.loss)(params)
+
+    @jax.jit
+    def hvp(self, params, v):
+        """Hessian-vector product, like params: ``jvp`` of ``jax.grad(loss)`` at params in direction v."""
+        return jax.jvp(jax.grad(self.loss), (params,), (v,))[1]
+
+    @jax.jit
+    def hessian(self, params):
+        """Hessian (N, N): ``jax.hessian`` of loss over the ``ravel_pytree`` flattening of params."""
+        flat, unravel = ravel_pytree(params)
+        return jax.hessian(lambda y: self.loss(unravel(y)))(flat)
 
 
 def nan_outside(ok, out):

@@ -10,7 +10,9 @@ z (n,) and the target b (n,):
 - ``in_domain(z)``: False where the formulas leave their domain (overflow of
   ``exp``, a non-positive normaliser); ``None`` if they never do.
 
-Formulas: ../shared/MATH.md sections 1-3. A problem maps x to z = A x (or a
+Formulas: (docs/math.md, Softmax regression),
+(docs/math.md, Rescaled regression) and
+(docs/math.md, Softmax + ResNet regression). A problem maps x to z = A x (or a
 matrix of logits, row by row) and adds its regularisers.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ def jacobian_gram(phi1: jax.Array, r: jax.Array) -> DiagPlusLowRank:
 
 @dataclasses.dataclass(frozen=True)
 class SoftmaxLink:
-    """``ell = 1/2 ||softmax(z) - b||^2`` (MATH.md section 1).
+    """``ell = 1/2 ||softmax(z) - b||^2`` (docs/math.md, Softmax regression).
 
     grad = f∘c - s f;  B = diag(p - s f) + γ f f^T - p f^T - f p^T with
     f = softmax(z), c = f - b, s = <c, f>, p = f∘(2f - b), γ = <3f - 2b, f>.
@@ -77,7 +79,7 @@ RESCALED_FUNCTIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class RescaledLink:
-    """``ell = 1/2 ||u - <u, 1> b||^2`` with u = φ(z), φ in {exp, cosh, sinh} (MATH.md section 2).
+    """``ell = 1/2 ||u - <u, 1> b||^2`` with u = φ(z), φ in {exp, cosh, sinh} (docs/math.md, Rescaled regression).
 
     grad = φ'∘q;  B = diag(φ'∘φ' + φ''∘q) - (φ'∘b) φ'^T - φ' (φ'∘b)^T + ||b||^2 φ' φ'^T
     with c = u - <u, 1> b, q = c - <b, c> 1.
@@ -123,7 +125,7 @@ class RescaledLink:
 
 @dataclasses.dataclass(frozen=True)
 class ResNetSoftmaxLink:
-    """``ell = 1/2 ||u / <u, 1> - b||^2`` with u = exp(z) + z (MATH.md section 3).
+    """``ell = 1/2 ||u / <u, 1> - b||^2`` with u = exp(z) + z (docs/math.md, Softmax + ResNet regression).
 
     With α = <u, 1>, f = u/α, c = f - b, s = <c, f>, h = c - s 1, u' = e + 1,
     p' = u'∘(2f - b), γ = <3f - 2b, f>:

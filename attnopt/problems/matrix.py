@@ -4,7 +4,8 @@ Shapes: A1 (n1, d1), A2 (n2, d2), B (n1, n2), X (d1, d2) (the papers take
 n1 = n2 = n, d1 = d2 = d). Row j of Z is ``A_j vec(X)`` with
 ``A_j = a1_j^T ⊗ A2``, the j-th row block of the never-formed Kronecker
 operator ``K = A1 ⊗ A2`` (row-major vec, see :class:`KroneckerOperator`), so
-the problem is n1 vector link regressions sharing X (../shared/MATH.md section 4):
+the problem is n1 vector link regressions sharing X
+(docs/math.md, Matrix (tensor-trick) regression):
 
     L(X) = sum_j ell(z_j; b_j) + 1/2 ||W∘Z||_F^2 + λ/2 ||X||_F^2
 
@@ -19,125 +20,47 @@ the squared norms without the factor 1/2; attnopt keeps it. Derivatives:
 where ``B_j = ∇^2 ell(z_j) + diag(w_j^2)`` is diagonal plus rank 2; the
 Hessian is (d1*d2, d1*d2) in row-major order, assembled by
 :meth:`KroneckerOperator.sandwich` without forming the n1 n2 x d1 d2 operator.
-Where the link leaves its domain in any row, every method returns NaN.
+Where the link leaves its domain in any row, every method returns NaN. The
+implementation is :class:`attnopt.problems.regression.OperatorRegression` with
+K = A1 ⊗ A2 and the link vmapped over the rows of Z.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from attnopt import _validate
-from attnopt.operators import DiagPlusLowRank, KroneckerOperator
-from attnopt.problems.base import Problem, nan_outside
+from attnopt.operators import KroneckerOperator
 from attnopt.problems.links import RescaledLink, SoftmaxLink
 from attnopt.problems.registry import Instance, conditioned_matrix, noisy, register
+from attnopt.problems.regression import LinkByName, OperatorRegression
 
 
-class MatrixLinkRegression(Problem):
-    """Shared implementation; subclasses fix the static ``link``."""
+class MatrixLinkRegression(OperatorRegression):
+    """Matrix link regression, K = A1 ⊗ A2: X (d1, d2), Z = A1 X A2^T (n1, n2); subclasses fix the static ``link``."""
 
     leaves: ClassVar = ("A1", "A2", "B", "reg", "ridge")
-    static: ClassVar = ("link",)
-    link: Any
+    names: ClassVar = ("X", "V")
 
     def __init__(self, A1, A2, B, reg=0.0, ridge=0.0, *, link):
         dtype = _validate.float_dtype(A1, A2, B)
         A1 = _validate.as_array("A1", A1, dtype, (None, None))
         A2 = _validate.as_array("A2", A2, dtype, (None, None))
         shape = (A1.shape[0], A2.shape[0])
-        self._set(
-            A1=A1,
-            A2=A2,
-            B=_validate.as_array("B (rows of A1 x rows of A2)", B, dtype, shape),
-            reg=_validate.weights("reg", reg, dtype, shape),
-            ridge=_validate.scalar("ridge", ridge, dtype),
-            link=link,
-        )
+        self._set(A1=A1, A2=A2, B=_validate.as_array("B (rows of A1 x rows of A2)", B, dtype, shape))
+        self._set_regularisers(dtype, reg, ridge, link)
 
     @property
     def operator(self) -> KroneckerOperator:
-        """``A1 ⊗ A2``: maps X (d1, d2) to the logits Z = A1 X A2^T (n1, n2)."""
+        """K = A1 ⊗ A2: maps X (d1, d2) to the logits Z = A1 X A2^T (n1, n2)."""
         return KroneckerOperator(self.A1, self.A2)
 
     @property
-    def params_shape(self) -> tuple[int, int]:
-        """(d1, d2), the shape of X."""
-        return self.operator.in_shape
-
-    def _logits(self, X):
-        _validate.params_shape("X", X, self.params_shape)
-        return self.operator.mv(X)
-
-    def _domain(self, Z):
-        ok = jax.vmap(self.link.in_domain)(Z)
-        return None if ok is None else jnp.all(ok)
-
-    def in_domain(self, X) -> jax.Array:
-        """Whether the link formulas are defined in every row of Z (bool scalar)."""
-        ok = self._domain(self._logits(X))
-        return jnp.asarray(True) if ok is None else ok
-
-    @jax.jit
-    def loss(self, X):
-        """Scalar loss at X (d1, d2)."""
-        Z = self._logits(X)
-        value = (
-            jnp.sum(jax.vmap(self.link.value)(Z, self.B))
-            + 0.5 * jnp.sum((self.reg * Z) ** 2)
-            + 0.5 * self.ridge * jnp.sum(X * X)
-        )
-        return nan_outside(self._domain(Z), value)
-
-    @jax.jit
-    def grad(self, X):
-        """Gradient (d1, d2): ``A1^T G A2 + λ X``, row j of G = ∇ell(z_j) + w_j^2∘z_j."""
-        Z = self._logits(X)
-        G = jax.vmap(self.link.grad)(Z, self.B) + self.reg**2 * Z
-        return nan_outside(self._domain(Z), self.operator.rmv(G) + self.ridge * X)
-
-    @jax.jit
-    def curvature(self, X) -> DiagPlusLowRank:
-        """The per-row z-Hessians ``B_j = ∇^2 ell(z_j) + diag(w_j^2)``, stacked: diag (n1, n2), U (n1, n2, 2), M (n1, 2, 2)."""
-        Z = self._logits(X)
-        return nan_outside(self._domain(Z), jax.vmap(self.link.curvature)(Z, self.B).add_diag(self.reg**2))
-
-    @jax.jit
-    def gauss_newton_curvature(self, X) -> DiagPlusLowRank:
-        """The per-row PSD Gauss-Newton models ``J_j^T J_j + diag(w_j^2)``, stacked like :meth:`curvature`."""
-        Z = self._logits(X)
-        return nan_outside(self._domain(Z), jax.vmap(self.link.gauss_newton)(Z, self.B).add_diag(self.reg**2))
-
-    def _apply(self, curvature: DiagPlusLowRank, V):
-        """``K^T blockdiag(B_j) K V + λ V`` for V (d1, d2)."""
-        _validate.params_shape("V", V, self.params_shape)
-        return self.operator.sandwich_mv(curvature, V) + self.ridge * V
-
-    def _assemble(self, curvature: DiagPlusLowRank):
-        """``K^T blockdiag(B_j) K + λ I`` as a (d1*d2, d1*d2) row-major matrix."""
-        size = self.operator.shape[1]
-        return self.operator.sandwich(curvature) + self.ridge * jnp.eye(size, dtype=self.dtype)
-
-    @jax.jit
-    def hvp(self, X, V):
-        """Hessian-vector product (d1, d2) in direction V (d1, d2): ``A1^T D A2 + λ V``, O(n1 n2 d)."""
-        return self._apply(self.curvature(X), V)
-
-    @jax.jit
-    def hessian(self, X):
-        """Hessian (d1*d2, d1*d2), row-major vec: ``sum_j (a1_j a1_j^T) ⊗ (A2^T B_j A2) + λ I``."""
-        return self._assemble(self.curvature(X))
-
-    @jax.jit
-    def gauss_newton_hvp(self, X, V):
-        """Gauss-Newton matrix times V (d1, d2) (always PSD)."""
-        return self._apply(self.gauss_newton_curvature(X), V)
-
-    @jax.jit
-    def gauss_newton_matrix(self, X):
-        """Gauss-Newton matrix (d1*d2, d1*d2), row-major vec, PSD."""
-        return self._assemble(self.gauss_newton_curvature(X))
+    def target(self) -> jax.Array:
+        """B (n1, n2), one target row per row of Z."""
+        return self.B
 
 
 class MatrixSoftmaxRegression(MatrixLinkRegression):
@@ -153,12 +76,13 @@ class MatrixSoftmaxRegression(MatrixLinkRegression):
         super().__init__(A1, A2, B, reg, ridge, link=SoftmaxLink())
 
 
-class MatrixRescaledRegression(MatrixLinkRegression):
+class MatrixRescaledRegression(LinkByName, MatrixLinkRegression):
     """``1/2 ||E - rowsum(E)∘B||_F^2 + regularisers``, E = φ(A1 X A2^T) entrywise.
 
     For φ = exp (the default) the gradient is ``A1^T (E∘Q) A2`` with
-    ``C = E - rowsum(E)∘B``, ``Q = C - rowsum(B∘C)`` (MATH.md section 4): the
-    rescaled link of section 2 on every row.
+    ``C = E - rowsum(E)∘B``, ``Q = C - rowsum(B∘C)``
+    (docs/math.md, Matrix (tensor-trick) regression): the rescaled link
+    (docs/math.md, Rescaled regression) on every row.
 
     Args:
       A1, A2, B, reg, ridge: as in :class:`MatrixSoftmaxRegression`.

@@ -2,7 +2,9 @@
 
 ``make(name, key, **options)`` builds an :class:`Instance`; ``attnopt check``
 and the experiment configs use it. A generator is registered with
-``@register("name")`` and takes ``key`` plus keyword options with defaults.
+``@register("name")`` and takes ``key`` plus keyword options with defaults
+(``dtype`` for the precision, where it has one). Registering a generator also
+puts its problem under tests/test_problem_conformance.py.
 """
 from __future__ import annotations
 

@@ -1,14 +1,27 @@
-"""Vector regression problems ``min_x ell(A x; b) + 1/2 ||diag(w) A x||^2 + λ/2 ||x||^2``.
+"""Link regressions ``min_x sum_rows ell(z_j; t_j) + 1/2 ||w∘Z||^2 + λ/2 ||x||^2`` with ``Z = K x``.
 
-Shapes: A (n, d), b (n,), x (d,); ``reg`` w is a scalar or (n,), ``ridge`` λ a scalar.
-The papers write the squared norms without the factor 1/2; attnopt keeps it.
-All derivatives are the structured, hand-derived formulas:
+One implementation, :class:`OperatorRegression`, serves every problem of this
+form, parametrised by the linear operator K (``attnopt.operators``: the same
+``mv``, ``rmv``, ``sandwich``, ``sandwich_mv`` interface for both):
 
-    grad    = A^T (∇ell(z) + w^2∘z) + λ x,          z = A x      O(nd)
-    hvp     = A^T (B (A v)) + λ v                                   O(nd)
-    hessian = A^T B A + λ I,  B = diag(.) + rank 2 + diag(w^2)     O(nd^2)
+- the vector problems here (:class:`LinkRegression`): K = A (n, d), x (d,),
+  Z = A x (n,) is one row, target b (n,), ``reg`` w a scalar or (n,);
+- the matrix problems (:mod:`attnopt.problems.matrix`): K = A1 ⊗ A2, X (d1, d2),
+  Z = A1 X A2^T (n1, n2), the link applied to each row (vmapped).
 
-Where the link leaves its domain (see each class) every method returns NaN.
+``ridge`` λ is a scalar. The papers write the squared norms without the factor
+1/2; attnopt keeps it. All derivatives are the structured, hand-derived formulas
+(docs/math.md, Softmax regression), (docs/math.md, Rescaled regression) and
+(docs/math.md, Softmax + ResNet regression):
+
+    grad    = K^T (∇ell(Z) + w^2∘Z) + λ x                              O(nd)
+    hvp     = K^T B K v + λ v                                           O(nd)
+    hessian = K^T B K + λ I,  B = blockdiag(diag + rank 2) + diag(w^2)  O(nd^2)
+
+with ∇ell and B per row of Z (B_j = ∇^2 ell(z_j) + diag(w_j^2)); the costs
+are for K = A (n, d) (for K = A1 ⊗ A2 see :mod:`attnopt.problems.matrix`).
+For K = A, ``K^T y`` is ``y @ A`` and ``K^T B K`` is ``B.sandwich(A)``. Where the link
+leaves its domain (see each class) in any row, every method returns NaN.
 """
 from __future__ import annotations
 
@@ -18,110 +31,157 @@ import jax
 import jax.numpy as jnp
 
 from attnopt import _validate
-from attnopt.operators import DiagPlusLowRank
+from attnopt.operators import DenseOperator, DiagPlusLowRank
 from attnopt.problems.base import Problem, nan_outside
 from attnopt.problems.links import RESCALED_FUNCTIONS, ResNetSoftmaxLink, RescaledLink, SoftmaxLink
 from attnopt.problems.registry import Instance, conditioned_matrix, noisy, register
 
 
-class LinkRegression(Problem):
-    """Shared implementation; subclasses fix the static ``link``."""
+class OperatorRegression(Problem):
+    """Shared implementation of the link regressions over a linear operator K.
 
-    leaves: ClassVar = ("A", "b", "reg", "ridge")
+    A subclass lists its fields, sets the data in ``__init__`` and then calls
+    :meth:`_set_regularisers`, and defines ``operator`` (K, mapping params of
+    ``in_shape`` to logits Z of ``out_shape``) and ``target`` (like Z). The
+    link acts on the last axis of Z, vmapped over any leading (row) axes.
+    ``names`` are the params' and directions' names in error messages.
+    """
+
     static: ClassVar = ("link",)
+    names: ClassVar = ("x", "v")
     link: Any
 
-    def __init__(self, A, b, reg=0.0, ridge=0.0, *, link):
-        dtype = _validate.float_dtype(A, b)
-        A = _validate.as_array("A", A, dtype, (None, None))
-        n, _ = A.shape
+    def _set_regularisers(self, dtype, reg, ridge, link):
+        """Validate and set ``reg`` (a scalar or like Z, stored like Z), ``ridge`` (scalar) and the static ``link``."""
         self._set(
-            A=A,
-            b=_validate.as_array(f"b (A has {n} rows)", b, dtype, (n,)),
-            reg=_validate.weights("reg", reg, dtype, (n,)),
+            reg=_validate.weights("reg", reg, dtype, self.operator.out_shape),
             ridge=_validate.scalar("ridge", ridge, dtype),
             link=link,
         )
 
     @property
-    def params_shape(self) -> tuple[int]:
-        """(d,), the shape of x."""
-        return self.A.shape[-1:]
+    def params_shape(self) -> tuple[int, ...]:
+        """The shape of the params, ``operator.in_shape``."""
+        return self.operator.in_shape
 
-    def _check_params(self, x):
-        _validate.params_shape("x", x, self.params_shape)
+    def _rows(self, fn):
+        """``fn`` of one row of Z, vmapped over Z's leading (row) axes."""
+        for _ in self.operator.out_shape[1:]:
+            fn = jax.vmap(fn)
+        return fn
+
+    def _logits(self, x):
+        _validate.params_shape(self.names[0], x, self.params_shape)
+        return self.operator.mv(x)
+
+    def _domain(self, Z):
+        ok = self._rows(self.link.in_domain)(Z)
+        return None if ok is None else jnp.all(ok)
 
     def in_domain(self, x) -> jax.Array:
-        """Whether the link formulas are defined at x (bool scalar)."""
-        ok = self.link.in_domain(self.A @ x)
+        """Whether the link formulas are defined in every row of Z = K x (bool scalar)."""
+        ok = self._domain(self._logits(x))
         return jnp.asarray(True) if ok is None else ok
 
     @jax.jit
     def loss(self, x):
-        """Scalar loss at x (d,)."""
-        self._check_params(x)
-        z = self.A @ x
-        w2 = self.reg**2
-        value = self.link.value(z, self.b) + 0.5 * (w2 @ (z * z)) + 0.5 * self.ridge * (x @ x)
-        return nan_outside(self.link.in_domain(z), value)
+        """Scalar loss at x: ``sum_j ell(z_j; t_j) + 1/2 ||w∘Z||^2 + λ/2 ||x||^2``."""
+        Z = self._logits(x)
+        value = (
+            jnp.sum(self._rows(self.link.value)(Z, self.target))
+            + 0.5 * jnp.sum(self.reg**2 * Z * Z)
+            + 0.5 * self.ridge * jnp.sum(x * x)
+        )
+        return nan_outside(self._domain(Z), value)
 
     @jax.jit
     def grad(self, x):
-        """Gradient (d,) at x (d,): ``A^T (∇ell(z) + w^2∘z) + λ x``."""
-        self._check_params(x)
-        z = self.A @ x
-        g = (self.link.grad(z, self.b) + self.reg**2 * z) @ self.A + self.ridge * x
-        return nan_outside(self.link.in_domain(z), g)
+        """Gradient, like x: ``K^T G + λ x``, row j of G = ∇ell(z_j) + w_j^2∘z_j."""
+        Z = self._logits(x)
+        G = self._rows(self.link.grad)(Z, self.target) + self.reg**2 * Z
+        return nan_outside(self._domain(Z), self.operator.rmv(G) + self.ridge * x)
 
     @jax.jit
     def curvature(self, x) -> DiagPlusLowRank:
-        """``B + diag(w^2)``, the Hessian of the loss in z = A x, as diagonal plus rank 2."""
-        z = self.A @ x
-        return nan_outside(self.link.in_domain(z), self.link.curvature(z, self.b).add_diag(self.reg**2))
+        """``B = ∇^2 ell + diag(w^2)``, the Hessian of the loss in Z, diagonal plus rank 2 per row.
+
+        One row (vector problems): diag (n,), U (n, 2), M (2, 2); else stacked
+        over the rows, e.g. diag (n1, n2), U (n1, n2, 2), M (n1, 2, 2).
+        """
+        Z = self._logits(x)
+        return nan_outside(self._domain(Z), self._rows(self.link.curvature)(Z, self.target).add_diag(self.reg**2))
 
     @jax.jit
     def gauss_newton_curvature(self, x) -> DiagPlusLowRank:
-        """PSD Gauss-Newton model of the z-Hessian: ``J^T J + diag(w^2)``."""
-        z = self.A @ x
-        return nan_outside(self.link.in_domain(z), self.link.gauss_newton(z, self.b).add_diag(self.reg**2))
+        """PSD Gauss-Newton model of the Z-Hessian, ``J^T J + diag(w^2)`` per row, laid out like :meth:`curvature`."""
+        Z = self._logits(x)
+        return nan_outside(self._domain(Z), self._rows(self.link.gauss_newton)(Z, self.target).add_diag(self.reg**2))
 
     def _apply(self, B: DiagPlusLowRank, v):
-        """``A^T B A v + λ v`` for v (d,), O(nd)."""
-        _validate.params_shape("v", v, self.params_shape)
-        return B.mv(self.A @ v) @ self.A + self.ridge * v
+        """``K^T B K v + λ v`` for v like x, O(nd)."""
+        _validate.params_shape(self.names[1], v, self.params_shape)
+        return self.operator.sandwich_mv(B, v) + self.ridge * v
 
     def _assemble(self, B: DiagPlusLowRank):
-        """``A^T B A + λ I`` (d, d): one ``A^T diag(.) A`` product plus a rank-2 term, O(nd^2)."""
-        return B.sandwich(self.A) + self.ridge * jnp.eye(self.A.shape[-1], dtype=self.A.dtype)
+        """``K^T B K + λ I`` (N, N), N = size of x, row-major: assembled from B's structure."""
+        size = self.operator.shape[1]
+        return self.operator.sandwich(B) + self.ridge * jnp.eye(size, dtype=self.dtype)
 
     def hessian_operator(self, x):
         """``v -> H v`` with B computed once at x: for many HVPs at one point (CG), O(nd) each."""
-        self._check_params(x)
         B = self.curvature(x)
         return lambda v: self._apply(B, v)
 
     @jax.jit
     def hvp(self, x, v):
-        """Hessian-vector product (d,): ``A^T (B (A v)) + λ v``, O(nd)."""
+        """Hessian-vector product, like x: ``K^T (B (K v)) + λ v``, O(nd)."""
         return self.hessian_operator(x)(v)
 
     @jax.jit
     def hessian(self, x):
-        """Hessian (d, d): ``A^T B A + λ I`` assembled from B's diagonal-plus-rank-2 form, O(nd^2)."""
-        self._check_params(x)
+        """Hessian (N, N), N = size of x, row-major: ``K^T B K + λ I``."""
         return self._assemble(self.curvature(x))
 
     @jax.jit
     def gauss_newton_hvp(self, x, v):
-        """``A^T (J^T J + diag(w^2)) A v + λ v`` (always PSD)."""
-        self._check_params(x)
+        """``K^T (J^T J + diag(w^2)) K v + λ v``, like x (always PSD)."""
         return self._apply(self.gauss_newton_curvature(x), v)
 
     @jax.jit
     def gauss_newton_matrix(self, x):
-        """Gauss-Newton matrix (d, d), PSD."""
-        self._check_params(x)
+        """Gauss-Newton matrix (N, N), row-major, PSD."""
         return self._assemble(self.gauss_newton_curvature(x))
+
+
+class LinkByName:
+    """Mixin for problems whose ``__init__`` takes the link by name (``link="exp"``)."""
+
+    def arguments(self) -> dict[str, Any]:
+        """The constructor arguments, with the link given by its name."""
+        return super().arguments() | {"link": self.link.name}
+
+
+class LinkRegression(OperatorRegression):
+    """Vector link regression, K = A: x (d,), Z = A x (n,); subclasses fix the static ``link``."""
+
+    leaves: ClassVar = ("A", "b", "reg", "ridge")
+
+    def __init__(self, A, b, reg=0.0, ridge=0.0, *, link):
+        dtype = _validate.float_dtype(A, b)
+        A = _validate.as_array("A", A, dtype, (None, None))
+        n, _ = A.shape
+        self._set(A=A, b=_validate.as_array(f"b (A has {n} rows)", b, dtype, (n,)))
+        self._set_regularisers(dtype, reg, ridge, link)
+
+    @property
+    def operator(self) -> DenseOperator:
+        """K = A: maps x (d,) to the logits z = A x (n,)."""
+        return DenseOperator(self.A)
+
+    @property
+    def target(self) -> jax.Array:
+        """b (n,)."""
+        return self.b
 
 
 class SoftmaxRegression(LinkRegression):
@@ -138,7 +198,7 @@ class SoftmaxRegression(LinkRegression):
         super().__init__(A, b, reg, ridge, link=SoftmaxLink())
 
 
-class RescaledRegression(LinkRegression):
+class RescaledRegression(LinkByName, LinkRegression):
     """Rescaled regression ``1/2 ||u - <u, 1> b||^2 + regularisers``, u = φ(A x).
 
     Args:

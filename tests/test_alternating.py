@@ -81,7 +81,7 @@ def test_errors():
     with pytest.raises(ValueError, match="c1 must be"):
         alternating(c1=0.7)
     matrix = make("matrix_softmax", jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match=r"needs problem.solve_y"):
+    with pytest.raises(ValueError, match=r"alternating.*MatrixSoftmaxRegression.*solve_y"):
         solve(matrix.problem, matrix.x0, alternating())
     inst = planted()
     with pytest.raises(ValueError, match=r"pair \(X, Y\)"):

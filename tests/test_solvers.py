@@ -199,7 +199,7 @@ def test_optax_and_newton_share_the_state_type():
 
 
 class _TupleQuadratic(Problem):
-    """``1/2 ||K vec(X, y) - c||^2 + 1/2 ||vec||^2`` over params (X (2, 2), y (3,)); autodiff derivatives."""
+    """``1/2 ||K vec(X, y) - c||^2 + 1/2 ||vec||^2`` over params (X (2, 2), y (3,)); a loss only (autodiff for the rest)."""
 
     leaves = ("K", "c")
 
@@ -212,16 +212,6 @@ class _TupleQuadratic(Problem):
     def loss(self, params):
         v = self._flat(params)
         return 0.5 * jnp.sum((self.K @ v - self.c) ** 2) + 0.5 * v @ v
-
-    def grad(self, params):
-        return jax.grad(self.loss)(params)
-
-    def hvp(self, params, v):
-        return jax.jvp(self.grad, (params,), (v,))[1]
-
-    def hessian(self, params):
-        flat, unravel = ravel_pytree(params)
-        return jax.hessian(lambda u: self.loss(unravel(u)))(flat)
 
 
 @pytest.mark.parametrize("solver", [newton(), newton_cg(), from_optax("lbfgs")], ids=lambda s: s.name)

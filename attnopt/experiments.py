@@ -259,7 +259,7 @@ def _option_types(p: inspect.Parameter) -> tuple[type, ...]:
     """Types a config may give for parameter ``p``: the default's type (ints count as
     floats), else the scalar types its annotation names, else any TOML scalar."""
     default = p.default
-    if isinstance(default, (list, tuple)):
+    if isinstance(default, list) or type(default) is tuple:  # not a NamedTuple such as a GradientTransformation
         return (list,)
     if default is not inspect.Parameter.empty and default is not None:
         if not isinstance(default, _SCALARS):

@@ -4,13 +4,11 @@ Every experiment runs all its instances and starts in one vmapped solve, solves
 its SVMs in one batched call, checks feasibility and local optimality, and
 reports the alignment numbers the papers plot (``corr`` is the cosine of the
 flattened iterate with an SVM solution). ``attnopt run configs/NAME.toml``
-runs one (see :mod:`attnopt.experiments`); :data:`EXPERIMENTS` maps the config's
-``kind`` to the function. Settings are the keyword arguments; ``seed`` and
+runs one (see :mod:`attnopt.studies`, whose registry maps the config's ``kind`` to
+the function). Settings are the keyword arguments; ``seed`` and
 ``dtype`` come from the config's ``[experiment]`` table.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +19,8 @@ from attnopt.maxmargin.tokens import is_locally_optimal, optimal_tokens, selecte
 from attnopt.problems.base import stack
 from attnopt.problems.maxmargin import PromptAttention
 from attnopt.solvers import from_optax, normalized_gd, solve
+from attnopt.studies import experiment
 
-EXPERIMENTS: dict[str, Callable] = {}
-
-
-def experiment(fn):
-    EXPERIMENTS[fn.__name__] = fn
-    return fn
 
 
 def record_params(problem, params):

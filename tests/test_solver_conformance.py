@@ -16,6 +16,7 @@ from attnopt.solvers import SolverState, Status, capabilities, get, registry, so
 OPTIONS = {
     "chain": {"transforms": [{"name": "clip_by_global_norm", "max_norm": 1.0}, {"name": "sgd", "learning_rate": 0.1}]},
     "normalized_gd": {"learning_rate": 0.02},
+    "mirror_descent": {"learning_rate": 0.02, "p": 1.75},
     **{name: {"learning_rate": 0.05} for name in ("adam", "adamw", "sgd")},
 }
 NAMES = tuple(registry._CONSTRUCTORS) + ("adam", "adamw", "sgd", "lbfgs")

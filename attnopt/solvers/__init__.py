@@ -9,6 +9,7 @@ from attnopt.solvers import capabilities
 from attnopt.solvers.alternating import alternating
 from attnopt.solvers.approx_newton import approx_newton, sketched_hessian
 from attnopt.solvers.first_order import from_optax, normalized_gd
+from attnopt.solvers.mirror import mirror_descent, mirror_descent_transform
 from attnopt.solvers.loop import MAX_TRACE, SolveError, SolveResult, Trace, solve, solve_batch
 from attnopt.solvers.newton import gauss_newton, newton
 from attnopt.solvers.newton_cg import newton_cg
@@ -18,7 +19,7 @@ from attnopt.solvers.state import Sealed, Solver, SolverState, Status, Tolerance
 from attnopt.solvers.zeroth_order import zeroth_order
 
 for _constructor in (
-    newton, newton_cg, gauss_newton, approx_newton, regularized_newton, zeroth_order, alternating, normalized_gd, chain,
+    newton, newton_cg, gauss_newton, approx_newton, regularized_newton, zeroth_order, alternating, normalized_gd, mirror_descent, chain,
 ):
     register(_constructor.__name__)(_constructor)
 
@@ -40,6 +41,8 @@ __all__ = [
     "from_optax",
     "gauss_newton",
     "get",
+    "mirror_descent",
+    "mirror_descent_transform",
     "names",
     "newton",
     "newton_cg",

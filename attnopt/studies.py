@@ -1,10 +1,10 @@
-"""Studies: configs that run one of the published experiments of :mod:`attnopt.maxmargin.experiments`.
+"""Studies: configs that run one of the registered experiments (the published max-margin ones, implicit bias).
 
 A study config names the experiment in ``[experiment] kind`` and sets its options in ``[settings]``::
 
     [experiment]
     name = "single_input"   # a title; results go to results/<config file name>/ unless out_dir (or --out)
-    kind = "single_input"   # a key of attnopt.maxmargin.experiments.EXPERIMENTS
+    kind = "single_input"   # a registered experiment (EXPERIMENTS; the modules of MODULES register theirs)
     seed = 0
     dtype = "float64"
 
@@ -20,11 +20,11 @@ experiment and writes ``results.json`` (config, results, provenance) and
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
@@ -58,9 +58,12 @@ SETTING_RULES = {
     "eps": (lambda v: _validate.is_number(v) and v >= 0, "a finite number >= 0", False),
     "rtol": (lambda v: _validate.is_number(v) and 0 < v < 1, "a number in (0, 1)", False),
     "steps": (_count(MAX_STEPS), f"an int in [1, {MAX_STEPS}]", False),
-    **{k: (_count(MAX_COUNT), f"an int in [1, {MAX_COUNT}]", False) for k in ("n", "T", "d", "instances", "record_every")},
+    "max_steps": (_count(2**31 - 1), f"an int in [1, {2**31 - 1}]", False),
+    **{k: (_count(MAX_COUNT), f"an int in [1, {MAX_COUNT}]", False)
+       for k in ("n", "T", "d", "instances", "record_every")},
     "starts": (_validate.is_number, "a finite number", True),
     "C": (_positive, "a finite number > 0", True),
+    "alphas": (_positive, "a finite number > 0", True),
     "losses": (_margin_loss, "a margin loss name (logistic, linear, exponential, squared)", True),
     "dims": (_count(MAX_COUNT), f"an int in [1, {MAX_COUNT}]", True),
     "sizes": (lambda v: isinstance(v, list) and len(v) == 2 and all(_count(MAX_COUNT)(x) for x in v),
@@ -86,9 +89,26 @@ class StudyConfig:
         return {"experiment": experiment, "settings": dict(self.settings)}
 
 
-def _experiments() -> dict[str, Callable]:
-    from attnopt.maxmargin.experiments import EXPERIMENTS
+#: The study experiments by ``kind``: functions of keyword settings (and ``seed``, ``dtype``) returning
+#: ``(results, figure)``. Modules register theirs with :func:`experiment`.
+EXPERIMENTS: dict[str, Callable] = {}
 
+
+def experiment(fn: Callable) -> Callable:
+    """Register ``fn`` as the study experiment of kind ``fn.__name__``."""
+    if EXPERIMENTS.setdefault(fn.__name__, fn) is not fn:
+        raise ValueError(f"study experiment {fn.__name__!r} is already registered")
+    return fn
+
+
+#: The modules that register study experiments when imported.
+MODULES = ("attnopt.maxmargin.experiments", "attnopt.implicit_bias")
+
+
+def _experiments() -> dict[str, Callable]:
+    """:data:`EXPERIMENTS`, after importing :data:`MODULES`."""
+    for module in MODULES:
+        importlib.import_module(module)
     return EXPERIMENTS
 
 
@@ -186,7 +206,8 @@ def run_study(config: StudyConfig, out_dir=None, *, log: Callable[[str], None] =
         figure.suptitle(f"{config.name} ({config.kind}, {config.dtype}, seed {config.seed})", fontsize="small")
         payload = {"config": config.as_dict(), "results": outcome, "wall_s": wall, "provenance": results.provenance()}
         output.commit(payload, {"figure.png": png(figure)})
-        log(f"{config.name}: done in {wall:.1f}s; wrote {output.folder / results.RESULTS} and {output.folder / 'figure.png'}")
+        log(f"{config.name}: done in {wall:.1f}s; wrote {output.folder / results.RESULTS} and "
+            f"{output.folder / 'figure.png'}")
     return outcome
 
 
@@ -196,6 +217,6 @@ def _jsonable(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def summary(results: Mapping[str, Any]) -> str:
+def summary(outcome: Mapping[str, Any]) -> str:
     """The results as indented JSON (NaN shown as NaN)."""
-    return json.dumps(results, indent=1, default=_jsonable)
+    return json.dumps(outcome, indent=1, default=_jsonable)

@@ -2,7 +2,9 @@
 
 Only what the problem derives by hand (:meth:`Problem.hand_derived`) is
 compared; a quantity it leaves to the autodiff defaults of
-:class:`~attnopt.problems.base.Problem` is reported as "autodiff".
+:class:`~attnopt.problems.base.Problem` is reported as "autodiff". For float32
+params the reference is autodiff in float64 (of the same data, widened), since
+float32 autodiff can itself be far off where a hand formula is accurate.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class DerivativeReport:
     max(max|autodiff|, atol / rtol)``, so q passes when its error is at most
     ``rtol``. ``autodiff`` lists the quantities the problem takes from
     autodiff, which are not compared. ``ok`` covers the compared ones only.
+    ``reference`` is the dtype the autodiff references were computed in.
     """
 
     name: str
@@ -40,6 +43,7 @@ class DerivativeReport:
     rtol: float
     atol: float
     autodiff: tuple = ()
+    reference: str = ""
 
     @property
     def ok(self) -> bool:
@@ -58,12 +62,13 @@ class DerivativeReport:
 
 def format_reports(reports) -> str:
     """One table, a row per report; "autodiff" marks a quantity that was not compared."""
-    header = f"{'problem':<28} {'dtype':<8}" + "".join(f"{q:>11}" for q in DERIVATIVES) + f"{'rtol':>9}  ok"
+    quantities = "".join(f"{q:>11}" for q in DERIVATIVES)
+    header = f"{'problem':<28} {'dtype':<8} {'reference':<10}{quantities}{'rtol':>9}  ok"
     rows = [header, "-" * len(header)]
     for r in reports:
         errs = "".join(f"{r.errors[q]:>11.2e}" if q in r.errors else f"{'autodiff':>11}" for q in DERIVATIVES)
         verdict = ("yes" if r.ok else "NO") if r.errors else "-"
-        rows.append(f"{r.name:<28} {r.dtype:<8}{errs}{r.rtol:>9.0e}  {verdict}")
+        rows.append(f"{r.name:<28} {r.dtype:<8} {r.reference or '-':<10}{errs}{r.rtol:>9.0e}  {verdict}")
     return "\n".join(rows + [r.note for r in reports if r.note])
 
 
@@ -90,7 +95,19 @@ def _evaluate(problem, x, v, owner, quantities):
     return tuple(methods[q]() for q in quantities)
 
 
-def check_derivatives(problem, x, v=None, *, name=None, rtol=None, atol=None) -> DerivativeReport:
+def _widened(tree):
+    """The pytree with its floating leaves narrower than float64 cast to float64 (call under x64)."""
+    def widen(leaf):
+        dtype = getattr(leaf, "dtype", None)
+        narrow = dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 64
+        return leaf.astype(jnp.float64) if narrow else leaf
+
+    return jax.tree.map(widen, tree)
+
+
+def check_derivatives(
+    problem, x, v=None, *, name=None, rtol=None, atol=None, reference="float64"
+) -> DerivativeReport:
     """Compare the problem's hand-derived ``grad``, ``hvp`` and ``hessian`` at params x with autodiff.
 
     The references are ``jax.grad(loss)``, ``jax.jvp(jax.grad(loss))`` and
@@ -99,7 +116,15 @@ def check_derivatives(problem, x, v=None, *, name=None, rtol=None, atol=None) ->
     Quantities the problem does not override are not compared (reported as
     "autodiff"). v defaults to a seeded normal direction. Tolerances default
     to :data:`TOLERANCES` for the params' dtype.
+
+    ``reference="float64"`` (the default) computes the references in float64
+    (under ``jax.enable_x64``) from the problem's data and x widened exactly,
+    so a float32 formula is judged against the derivative of the float32 data
+    rather than against float32 autodiff, which can be off by far more than
+    the formula; ``reference="same"`` uses the params' own dtype.
     """
+    if reference not in ("float64", "same"):
+        raise ValueError(f"reference must be 'float64' or 'same', got {reference!r}")
     flat, unravel = ravel_pytree(x)
     dtype = flat.dtype
     default_rtol, default_atol = TOLERANCES.get(jnp.dtype(dtype), TOLERANCES[jnp.dtype("float32")])
@@ -108,10 +133,15 @@ def check_derivatives(problem, x, v=None, *, name=None, rtol=None, atol=None) ->
     if v is None:
         v = unravel(jax.random.normal(jax.random.PRNGKey(0), flat.shape, dtype))
     compared = problem.hand_derived()
+    widen = reference == "float64" and jnp.finfo(dtype).bits < 64
     errors = {}
     if compared:
         ours = _evaluate(problem, x, v, type(problem), compared)
-        refs = _evaluate(problem, x, v, Problem, compared)
+        if widen:
+            with jax.enable_x64(True):
+                refs = _evaluate(*_widened((problem, x, v)), Problem, compared)
+        else:
+            refs = _evaluate(problem, x, v, Problem, compared)
         errors = {q: _rel_error(o, r, rtol, atol) for q, o, r in zip(compared, ours, refs)}
     return DerivativeReport(
         name=name or type(problem).__name__,
@@ -120,4 +150,5 @@ def check_derivatives(problem, x, v=None, *, name=None, rtol=None, atol=None) ->
         rtol=rtol,
         atol=atol,
         autodiff=tuple(q for q in DERIVATIVES if q not in compared),
+        reference="float64" if widen else str(dtype),
     )

@@ -1,171 +1,194 @@
-"""Experiment configs: validation before any work, and an end-to-end run writing JSON and PNG."""
+"""Experiment configs end to end: seeds and sweeps as batched solves, what results.json records,
+the table, and what the figure draws. Bad configs are in test_config_errors.py."""
 import copy
 import json
+import math
+import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from matplotlib.lines import Line2D
 
-import attnopt.solvers
-from attnopt import experiments
+import attnopt
+from _toml import dumps
+from attnopt import cli, experiments, results
 from attnopt.problems.registry import make
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 TINY = {
-    "experiment": {"name": "tiny", "seed": 3, "max_steps": 25, "tol": 1e-9, "dtype": "float64"},
+    "experiment": {"name": "tiny", "seeds": [3, 4], "max_steps": 25, "tol": 1e-9, "dtype": "float64"},
     "problem": {"name": "softmax", "n": 24, "d": 3, "cond": 5.0, "reg": 0.1, "noise": 0.1},
-    "solvers": [
-        {"name": "newton"},
-        {"name": "adam", "label": "adam-fast", "learning_rate": 0.05},
-    ],
+    "solvers": [{"name": "newton"}, {"name": "adam", "label": "adam-fast", "learning_rate": 0.05}],
 }
 
-TINY_TOML = """
-[experiment]
-name = "tiny"
-seed = 3
-max_steps = 25
-tol = 1e-9
 
-[problem]
-name = "softmax"
-n = 24
-d = 3
-cond = 5.0
-reg = 0.1
-noise = 0.1
-
-[[solvers]]
-name = "newton"
-
-[[solvers]]
-name = "adam"
-label = "adam-fast"
-learning_rate = 0.05
-"""
-
-
-def with_change(path, value):
-    """TINY with ``value`` set at ``path`` (a tuple of keys/indices); ``...`` deletes the key."""
+def config_with(**changes):
+    """TINY with ``section__key=value`` changes."""
     config = copy.deepcopy(TINY)
-    *parents, last = path
-    node = config
-    for key in parents:
-        node = node[key]
-    if value is ...:
-        del node[last]
-    else:
-        node[last] = value
+    for name, value in changes.items():
+        section, key = name.split("__")
+        config[section][key] = value
     return config
 
 
-@pytest.fixture
-def no_solve(monkeypatch):
-    """Make any solve fail loudly: validation must finish before the first one."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("solve ran before the config was validated")
-
-    monkeypatch.setattr(attnopt.solvers, "solve", forbidden)
-
-
-BAD = [
-    # (path, value, the key the message must name)
-    (("experimnt",), {}, "experimnt"),
-    (("experiment", "max_step"), 10, "experiment.max_step"),
-    (("experiment", "max_steps"), "100", "experiment.max_steps"),
-    (("experiment", "max_steps"), 0, "experiment.max_steps"),
-    (("experiment", "seed"), True, "experiment.seed"),
-    (("experiment", "tol"), "small", "experiment.tol"),
-    (("experiment", "dtype"), "float16", "experiment.dtype"),
-    (("experiment", "name"), "a/b", "experiment.name"),
-    (("problem",), ..., "problem"),
-    (("problem", "name"), "sofmax", "problem.name"),
-    (("problem", "name"), ..., "problem.name"),
-    (("problem", "m"), 24, "problem.m"),
-    (("problem", "n"), 24.5, "problem.n"),
-    (("problem", "dtype"), "float32", "problem.dtype"),
-    (("solvers",), [], "solvers"),
-    (("solvers",), {"name": "newton"}, "solvers"),
-    (("solvers", 1, "name"), "adamx", r"solvers\[1\].name"),
-    (("solvers", 0, "c2"), 0.5, r"solvers\[0\].c2"),
-    (("solvers", 0, "c1"), "tiny", r"solvers\[0\].c1"),
-    (("solvers", 0, "c1"), 0.9, r"solvers\[0\]: c1"),
-    (("solvers", 1, "learning_rat"), 0.1, r"solvers\[1\].learning_rat"),
-    (("solvers", 1, "learning_rate"), "fast", r"solvers\[1\].learning_rate"),
-    (("solvers", 1, "learning_rate"), ..., r"solvers\[1\].learning_rate"),
-    (("solvers", 1, "nesterov"), 1, r"solvers\[1\].nesterov"),
-    (("solvers", 1, "label"), "newton", r"solvers\[1\].label"),
-    (("problem", "d"), 99, "problem: conditioned_matrix needs n >= d"),  # a value only the generator rejects
-]
-
-
-@pytest.mark.parametrize("path, value, key", BAD, ids=[f"{'.'.join(map(str, p))}={v!r}" for p, v, _ in BAD])
-def test_bad_config_names_the_key(no_solve, path, value, key):
-    with pytest.raises(ValueError, match=rf"^{key}\b"):
-        experiments.parse_config(with_change(path, value))
-
-
-def test_option_that_a_config_cannot_give_is_named(no_solve):
-    config = with_change(("solvers", 1), {"name": "lbfgs", "linesearch": 1})
-    with pytest.raises(ValueError, match=r"solvers\[1\].linesearch: cannot be set from a config"):
-        experiments.parse_config(config)
-
-
-def test_bad_toml_file_fails_before_any_solve(no_solve, tmp_path):
-    path = tmp_path / "bad.toml"
-    path.write_text(TINY_TOML.replace("learning_rate = 0.05", "learning_rate = 0.05\nbeta1 = 0.9"))
-    with pytest.raises(ValueError, match=r"^solvers\[1\]\.beta1: unknown option"):
-        experiments.run(experiments.load_config(path), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
-def test_invalid_toml_syntax_is_a_value_error(tmp_path):
-    path = tmp_path / "broken.toml"
-    path.write_text("[experiment\nname = 1")
-    with pytest.raises(ValueError, match="invalid TOML"):
-        experiments.load_config(path)
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """TINY run once through the command line: (folder, config, runs)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    (folder / "tiny.toml").write_text(dumps(TINY))
+    config = experiments.load_config(folder / "tiny.toml")
+    runs = experiments.run(config, folder / "out", log=lambda line: None)
+    return folder / "out", config, runs
 
 
 def test_defaults_and_solver_mapping():
     config = experiments.parse_config({"problem": {"name": "softmax"}, "solvers": [{"name": "lbfgs"}]}, "cfg")
-    assert (config.name, config.seed, config.max_steps, config.dtype, config.out_dir) == ("cfg", 0, 100, "float64", None)
+    assert (config.name, config.folder, config.seeds, config.max_steps, config.dtype) == ("cfg", "cfg", (0,), 100, "float64")
+    assert (config.out_dir, config.record_every, config.step_axis, config.points()) == (None, None, "auto", [{}])
     solver = experiments.make_solver(config.solvers[0])
     assert isinstance(solver, attnopt.solvers.Solver) and solver.name == "lbfgs"
     assert experiments.make_solver(experiments.SolverSpec("n", "newton", {})) == attnopt.solvers.newton()
 
 
-def test_run_writes_json_and_png_with_the_traces(tmp_path):
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY_TOML)
-    config = experiments.load_config(path)
-    lines = []
-    runs = experiments.run(config, tmp_path / "out", log=lines.append)
+def test_results_folder_is_the_config_file_name(tmp_path):
+    copied = config_with(experiment__name="default")
+    (tmp_path / "mine.toml").write_text(dumps(copied))
+    config = experiments.load_config(tmp_path / "mine.toml")
+    assert config.name == "default"
+    assert experiments.output_folder(config) == (pathlib.Path("results/mine"), "out_dir")
+    assert experiments.output_folder(config, "elsewhere", "--out") == (pathlib.Path("elsewhere"), "--out")
 
-    # The instance the config describes, built independently.
-    inst = make("softmax", jax.random.PRNGKey(3), n=24, d=3, cond=5.0, reg=0.1, noise=0.1)
-    loss0 = float(inst.problem.loss(inst.x0))
-    grad0 = float(jnp.linalg.norm(jax.grad(inst.problem.loss)(inst.x0)))
 
-    saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["config"]["problem"] == TINY["problem"]
+def test_run_writes_json_and_png_that_belong_together(tiny_run):
+    out, config, runs = tiny_run
+    saved = results.load(out)  # checks the PNG's SHA-256 against the JSON
+    assert set(saved["files"]) == {"convergence.png"}
+    assert (out / "convergence.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert saved["config"]["problem"] == TINY["problem"] and saved["config"]["experiment"]["seeds"] == [3, 4]
+    machine = saved["provenance"]
+    assert machine["jax"] == jax.__version__ and machine["cpu"] and machine["devices"]
+    assert machine["git"] is None or len(machine["git"]["commit"]) == 40
     assert [r["label"] for r in saved["runs"]] == ["newton", "adam-fast"]
     for run, record in zip(runs, saved["runs"]):
-        assert record["status"] == run.status and record["steps"] == run.steps
-        trace = record["trace"]
-        assert all(len(trace[k]) == run.steps + 1 for k in ("loss", "grad_norm", "step_size"))
-        np.testing.assert_allclose(trace["loss"][0], loss0, rtol=1e-12)
-        np.testing.assert_allclose(trace["grad_norm"][0], grad0, rtol=1e-10)
-        assert record["loss"] == trace["loss"][-1] and record["grad_norm"] == trace["grad_norm"][-1]
-        assert record["wall_s"] > 0 and record["warmup_s"] > 0
-    newton_run, adam_run = runs
-    assert newton_run.status == "CONVERGED" and newton_run.grad_norm <= 1e-9
-    assert adam_run.steps == 25 and adam_run.status == "MAX_STEPS"
-    assert adam_run.loss < loss0
+        assert record["status"] == list(run.status) and record["steps"] == list(run.steps)
+        assert record["summary"]["loss"]["median"] == pytest.approx(np.median(run.loss))
+        assert len(record["params"]) == 2 and all(len(p) == 3 for p in record["params"])
+        assert len(record["distance"]) == 2 and record["optimum"] is None  # reg > 0: the optimum is not known
+        for seed, trace in zip((3, 4), record["trace"]):
+            inst = make("softmax", jax.random.PRNGKey(seed), n=24, d=3, cond=5.0, reg=0.1, noise=0.1)
+            assert trace["loss"][0] == pytest.approx(float(inst.problem.loss(inst.x0)), rel=1e-12)
+            assert len(trace["loss"]) == len(trace["step"]) == record["steps"][(3, 4).index(seed)] + 1
+    newton, adam = runs
+    assert newton.status == ("CONVERGED", "CONVERGED") and max(newton.grad_norm) <= 1e-9
+    assert adam.status == ("MAX_STEPS", "MAX_STEPS") and adam.steps == (25, 25)
 
-    image = (tmp_path / "out" / "convergence.png").read_bytes()
-    assert image.startswith(b"\x89PNG\r\n\x1a\n") and len(image) > 10_000
 
+def test_sweep_batches_equal_shapes_and_matches_single_solves():
+    sweep = config_with(problem__n=[24, 30], problem__cond=[2.0, 10.0])
+    sweep["solvers"] = [{"name": "newton"}]
+    runs = experiments.solve_all(experiments.parse_config(sweep, "sweep"), log=lambda line: None)
+    assert [r.point for r in runs] == [{"n": n, "cond": c} for n in (24, 30) for c in (2.0, 10.0)]
+    assert all(r.batch == 4 for r in runs)  # per size: both conditionings and both seeds in one vmapped solve
+    run = runs[1]  # n = 24, cond = 10, seed 4
+    inst = make("softmax", jax.random.PRNGKey(4), n=24, d=3, cond=10.0, reg=0.1, noise=0.1)
+    alone = attnopt.solve(inst.problem, inst.x0, attnopt.solvers.newton(), max_steps=25, tol=1e-9)
+    assert run.steps[1] == int(alone.steps) and run.status[1] == attnopt.Status(int(alone.status)).name
+    np.testing.assert_allclose(run.params[1], alone.state.params, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(run.distance[1], np.linalg.norm(alone.state.params - inst.solution)
+                               / np.linalg.norm(inst.solution), rtol=1e-10)
+
+
+def test_stationary_point_above_the_known_optimum_is_flagged():
+    # Noiseless planted instance without regularisers: the optimum is 0. A loose tolerance stops Newton early,
+    # at a point whose gradient is small but whose loss is far above 0: CONVERGED, but not a global minimum.
+    loose = config_with(problem__reg=0.0, problem__noise=0.0, experiment__tol=1e-2)
+    loose["solvers"] = [{"name": "newton"}]
+    runs = experiments.solve_all(experiments.parse_config(loose, "loose"), log=lambda line: None)
+    (newton,) = runs
+    assert newton.optimum == 0.0 and set(newton.status) == {"CONVERGED"}
+    tolerance = math.sqrt(np.finfo(np.float64).eps)
+    for flag, loss, start in zip(newton.global_minimum, newton.loss, newton.initial_loss):
+        assert flag == (loss <= tolerance * max(1.0, start))
+    assert False in newton.global_minimum
     table = experiments.summary_table(runs)
-    assert "newton" in table and "adam-fast" in table and "CONVERGED" in table
-    assert any("adam-fast" in line and "MAX_STEPS" in line for line in lines)
+    assert "global min" in table and "stationary point" in table
+    figure = experiments.plot_convergence(runs, tol=1e-2)
+    rings = [l for ax in figure.axes for l in ax.lines if l.get_markeredgecolor() == "red"]
+    assert rings, "a converged run above the known optimum must carry a red ring"
+
+
+def lines(ax):
+    return [l for l in ax.lines if isinstance(l, Line2D)]
+
+
+def test_figure_keeps_the_best_run_s_last_point_and_marks_status_and_tolerance(tiny_run):
+    _, config, runs = tiny_run
+    figure = experiments.plot_convergence(runs, tol=config.tol, step_axis="auto")
+    loss_ax, _, grad_ax, time_ax = figure.axes[0], figure.axes[1], figure.axes[2], figure.axes[3]
+    medians = [l for l in lines(loss_ax) if len(l.get_xdata()) > 1 and l.get_linestyle() == "-"]
+    assert len(medians) == len(runs)
+    for line, run in zip(medians, runs):
+        last_step = max(max(t["step"]) for t in run.trace)
+        assert line.get_xdata()[-1] == last_step
+        assert np.isfinite(line.get_ydata()[-1]) and line.get_ydata()[-1] > 0  # the best run keeps its last point too
+        markers = [l for l in lines(loss_ax) if len(l.get_xdata()) == 1 and l.get_color() == line.get_color()]
+        assert markers and markers[0].get_marker() == experiments._MARKERS[run.status[0]]
+    assert loss_ax.get_xscale() == "symlog"  # newton stops within a few steps, adam runs 25
+    assert any(np.allclose(l.get_ydata(), config.tol) for l in lines(grad_ax))
+    times = sorted(float(c.get_xdata()[0]) for c in time_ax.lines if c.get_marker() in experiments._MARKERS.values())
+    assert times == sorted(r.wall_s for r in runs)
+    assert "wall time" in time_ax.get_xlabel()
+    linear = experiments.plot_convergence(runs, step_axis="linear")
+    assert linear.axes[0].get_xscale() == "linear"
+
+
+def test_table_gives_median_and_quartiles_across_seeds(tiny_run):
+    _, _, runs = tiny_run
+    table = experiments.summary_table(runs)
+    newton = runs[0]
+    q25, median, q75 = np.percentile(newton.loss, [25, 50, 75])
+    row = next(line for line in table.splitlines() if line.startswith("newton"))
+    assert f"{median:.6g} [{q25:.3g}, {q75:.3g}]" in row
+    assert "CONVERGED 2/2" in row and "median [25%, 75%]" in table
+
+
+@pytest.mark.slow
+def test_sweep_config_with_8_seeds_runs_and_draws_medians_with_bands(tmp_path, capsys):
+    path = ROOT / "configs" / "softmax_sweep.toml"
+    config = experiments.load_config(path)
+    assert len(config.seeds) == 8 and config.swept() == ["d"] and len(config.points()) == 2
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "out")]) == 0
+    saved = results.load(tmp_path / "out")
+    assert len(saved["runs"]) == 2 * len(config.solvers)
+    figure_runs = [r for r in saved["runs"] if r["solver"] == "newton"]
+    assert all(r["statuses"] == {"CONVERGED": 8} and r["global_minimum"] == [True] * 8 for r in figure_runs)
+    assert "median [25%, 75%]" in capsys.readouterr().out
+
+
+def test_generator_table_lists_the_registry_and_is_in_the_docs():
+    table = experiments.generator_table()
+    for name in attnopt.problems.registry.GENERATORS:
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{name}` |"))
+        assert all(f"`{option} = " in row for option in attnopt.problems.registry.options(name) if option != "dtype")
+    assert table in (ROOT / "docs" / "problems.md").read_text()
+
+
+def test_readme_lists_every_generator_as_the_registry_renders_it():
+    assert experiments.generator_table() in (ROOT / "README.md").read_text()
+
+
+def test_results_json_is_strict_json(tiny_run):
+    out, _, _ = tiny_run
+    json.loads((out / "results.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in results.json"))
+
+
+@pytest.mark.slow
+def test_attention_planted_flags_newton_s_spurious_stationary_point():
+    """Noiseless planted attention: Newton converges to a stationary point with loss about 1e-3 (optimum 0)."""
+    raw = experiments.tomllib.loads((ROOT / "configs" / "attention_planted.toml").read_text())
+    raw["solvers"] = [{"name": "newton"}]
+    (newton,) = experiments.solve_all(experiments.parse_config(raw, "attention_planted"), log=lambda line: None)
+    assert newton.status == ("CONVERGED",) and newton.optimum == 0.0 and newton.loss[0] > 1e-6
+    assert newton.global_minimum == (False,)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import attnopt
-from attnopt.problems.base import Problem
+from attnopt.problems.base import Problem, nan_outside
 from attnopt.problems.links import RESCALED_FUNCTIONS
 
 N, D = 9, 4
@@ -176,8 +176,16 @@ BAD_INPUTS = [
     (dict(reg=-0.1), "reg must be nonnegative"),
     (dict(reg=jnp.ones(5)), r"reg .* must have shape \(6,\)"),
     (dict(ridge=-1.0), "ridge must be nonnegative"),
-    (dict(A=jnp.ones((6, 3)) * 1j), "complex data is not supported"),
+    (dict(A=jnp.ones((6, 3)) * 1j), "A: complex data is not supported"),
+    (dict(reg=0.1j), "reg: complex data is not supported"),
     (dict(A=jnp.ones((6, 0))), "A must not be empty"),
+    (dict(A=None), "A must be a real number or array, got NoneType"),
+    (dict(b=None), "b must be a real number or array, got NoneType"),
+    (dict(A=np.full((6, 3), "a")), "A must be a real number or array, got ndarray of dtype <U1"),
+    (dict(A=[[1.0, 2.0, 3.0]] * 5 + [[1.0]]), "A must be a real number or array, got list"),
+    (dict(ridge="0.1"), "ridge must be a real number or array, got str"),
+    (dict(A=jnp.ones((6, 3), jnp.float16), b=jnp.ones(6, jnp.float16)), "A, b: dtype float16 is not supported"),
+    (dict(A=jnp.ones((6, 3), jnp.bfloat16), b=jnp.ones(6, jnp.bfloat16)), "A, b: dtype bfloat16 is not supported"),
 ]
 
 
@@ -187,6 +195,32 @@ def test_bad_input_raises_value_error(cls, bad, message):
     kwargs = dict(A=jnp.ones((6, 3)), b=jnp.ones(6) / 6, reg=0.0, ridge=0.0) | bad
     with pytest.raises(ValueError, match=message):
         cls(**kwargs)
+
+
+def test_a_finite_value_beyond_float32_is_named_as_out_of_range_not_non_finite():
+    with jax.enable_x64(False):
+        with pytest.raises(ValueError, match=r"^b \(A has 6 rows\) has entries beyond the range of float32 \(largest magnitude 1e\+39"):
+            attnopt.SoftmaxRegression(np.ones((6, 3)), np.full(6, 1e39))
+
+
+def test_float16_generator_is_refused_before_building():
+    with pytest.raises(ValueError, match="^dtype must be 'float32' or 'float64'"):
+        attnopt.make("softmax", jax.random.PRNGKey(0), dtype="float16")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("cond", 0.5, "cond must be a finite number >= 1"),
+    ("noise", float("nan"), "noise must be a finite number >= 0"),
+    ("n", 0, r"n must be an int in \[1, "),
+    ("d", 40, r"d must be <= n \(\d+\), got 40"),
+    ("reg", -1.0, "reg must be nonnegative"),
+])
+def test_generator_options_are_checked_naming_the_option_even_when_traced(option, value, message):
+    for generator in ("softmax", "matrix_rescaled"):
+        with pytest.raises(ValueError, match=f"^{message}"):
+            attnopt.make(generator, jax.random.PRNGKey(0), **{option: value})
+        with pytest.raises(ValueError, match=f"^{message}"):  # shapes only, as a config check builds it
+            jax.eval_shape(lambda key: attnopt.make(generator, key, **{option: value}), jax.random.PRNGKey(0))
 
 
 def test_nested_lists_are_accepted_like_arrays():
@@ -223,6 +257,55 @@ def test_rescaled_overflow_returns_nan_not_finite_garbage(link, dtype, big):
         assert np.all(np.isnan(np.asarray(out)))
     inside = jnp.array([big / 10], dtype)
     assert bool(problem.in_domain(inside)) and np.isfinite(problem.loss(inside))
+
+
+def outputs(problem, x):
+    v = jnp.ones_like(x)
+    return [np.asarray(o) for o in (problem.loss(x), problem.grad(x), problem.hvp(x, v), problem.hessian(x))]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("name", ["rescaled_exp", "rescaled_cosh", "rescaled_sinh", "resnet"])
+def test_every_output_is_finite_or_nan_and_in_domain_agrees(name, dtype):
+    """Along z from 0 to past the overflow of exp, never inf: each point is inside (all finite) or outside (all NaN).
+    Between about 44 and 88 (float32), 355 and 709 (float64), the squares overflow while exp does not."""
+    A = jnp.asarray([[1.0], [0.5], [-0.3], [0.2]], dtype)
+    problem = PROBLEMS[name][0](A, jnp.full(4, 0.25, dtype), 0.1, 0.0)
+    top = 100.0 if dtype == jnp.float32 else 800.0
+    inside = 0
+    for z in np.linspace(0.0, top, 41):
+        x = jnp.asarray([z], dtype)
+        outs = outputs(problem, x)
+        finite = all(np.all(np.isfinite(o)) for o in outs)
+        assert finite or all(np.all(np.isnan(o)) for o in outs), (z, [o for o in outs])
+        assert bool(problem.in_domain(x)) == finite, z
+        inside += finite
+    assert 0.3 * 41 < inside < 41  # both sides of the boundary were visited
+
+
+def test_resnet_curvature_is_finite_wherever_the_loss_is_float32():
+    A = jnp.asarray([[1.0], [0.5], [0.2]], jnp.float32)
+    problem = attnopt.ResNetSoftmaxRegression(A, jnp.full(3, 1 / 3, jnp.float32))
+    x = jnp.asarray([60.0], jnp.float32)  # e^60 is finite in float32, its square is not
+    assert bool(problem.in_domain(x))
+    assert all(np.all(np.isfinite(o)) for o in outputs(problem, x))
+
+
+class Positive(Problem):
+    """Defines loss and a domain only: ``1/2 ||x||^2`` for x > 0 (NaN elsewhere)."""
+
+    def loss(self, x):
+        return nan_outside(self.in_domain(x), 0.5 * jnp.sum(x * x))
+
+    def in_domain(self, x):
+        return jnp.all(x > 0)
+
+
+def test_autodiff_defaults_are_nan_outside_the_domain():
+    problem = Positive()
+    for method in (problem.grad, lambda x: problem.hvp(x, x), problem.hessian):
+        assert np.all(np.isfinite(method(jnp.array([1.0, 2.0]))))
+        assert np.all(np.isnan(method(jnp.array([-1.0, 2.0]))))
 
 
 def test_resnet_nonpositive_normaliser_returns_nan():

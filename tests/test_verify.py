@@ -130,3 +130,17 @@ def test_only_hand_derived_quantities_are_compared():
     assert report.errors["grad"] > 0.1 and not report.ok
     row = str(report).splitlines()[-1]
     assert row.split()[-4:] == ["autodiff", "autodiff", "1e-10", "NO"] and "nothing to compare" not in str(report)
+
+
+def test_float32_formulas_are_judged_against_float64_autodiff():
+    """At this point of a float32 ResNet instance (logits up to about 30), float32 autodiff's curvature is
+    off by O(1) while the hand-derived one matches float64 autodiff of the same float32 data."""
+    inst = attnopt.make("resnet_softmax", jax.random.PRNGKey(0), dtype="float32", scale=3.0)
+    x = inst.x0 + 8.0 * jax.random.normal(jax.random.PRNGKey(10), inst.x0.shape, jnp.float32)
+    report = attnopt.check_derivatives(inst.problem, x)
+    assert report.reference == "float64" and report.ok, str(report)
+    same = attnopt.check_derivatives(inst.problem, x, reference="same")
+    assert same.reference == "float32" and same.errors["hessian"] > 0.1 and not same.ok
+    assert "float64" in str(report).splitlines()[-1]
+    with pytest.raises(ValueError, match="reference must be"):
+        attnopt.check_derivatives(inst.problem, x, reference="float128")

@@ -75,9 +75,10 @@ class AttentionRegression(Problem):
     """
 
     leaves: ClassVar = ("A1", "A2", "A3", "B")
+    lower_bound: ClassVar = 0.0  # a sum of squares
 
     def __init__(self, A1, A2, A3, B):
-        dtype = _validate.float_dtype(A1, A2, A3, B)
+        dtype = _validate.float_dtype(A1=A1, A2=A2, A3=A3, B=B)
         A1 = _validate.as_array("A1", A1, dtype, (None, None))
         A2 = _validate.as_array("A2", A2, dtype, (None, None))
         n, n2 = A1.shape[0], A2.shape[0]

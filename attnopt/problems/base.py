@@ -15,9 +15,11 @@ Every problem has pure methods over params (an array or a pytree of arrays)::
                                    of ``jax.flatten_util.ravel_pytree``
 
 A subclass must define ``loss``; ``grad``, ``hvp`` and ``hessian`` default to
-autodiff of it, and a subclass overrides them with its hand-derived formulas
-(:meth:`Problem.hand_derived` lists which). ``arguments()`` and
-``rebuild(**changes)`` rebuild an instance through ``__init__``.
+autodiff of it (NaN where ``in_domain(params)`` is False), and a subclass
+overrides them with its hand-derived formulas (:meth:`Problem.hand_derived`
+lists which). ``arguments()`` and ``rebuild(**changes)`` rebuild an instance
+through ``__init__``. ``lower_bound`` states a known lower bound of the loss
+(0 for sums of squares), which lets an experiment recognise a global minimum.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ class Problem:
 
     leaves: ClassVar[tuple[str, ...]] = ()
     static: ClassVar[tuple[str, ...]] = ()
+    #: A lower bound of the loss over all params, or None if unknown.
+    lower_bound: ClassVar[float | None] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -112,21 +116,28 @@ class Problem:
         """The scalar objective; every subclass defines it."""
         raise NotImplementedError(f"{type(self).__name__} must define loss(params)")
 
+    def in_domain(self, params) -> jax.Array:
+        """Whether the loss formula is defined at params (bool scalar); a problem with a domain overrides it."""
+        del params
+        return jnp.asarray(True)
+
     @jax.jit
     def grad(self, params):
-        """Gradient, like params: ``jax.grad(loss)``."""
-        return jax.grad(self.loss)(params)
+        """Gradient, like params: ``jax.grad(loss)``, NaN outside the domain."""
+        return nan_outside(self.in_domain(params), jax.grad(self.loss)(params))
 
     @jax.jit
     def hvp(self, params, v):
-        """Hessian-vector product, like params: ``jvp`` of ``jax.grad(loss)`` at params in direction v."""
-        return jax.jvp(jax.grad(self.loss), (params,), (v,))[1]
+        """Hessian-vector product, like params: ``jvp`` of ``jax.grad(loss)`` at params in direction v,
+        NaN outside the domain."""
+        return nan_outside(self.in_domain(params), jax.jvp(jax.grad(self.loss), (params,), (v,))[1])
 
     @jax.jit
     def hessian(self, params):
-        """Hessian (N, N): ``jax.hessian`` of loss over the ``ravel_pytree`` flattening of params."""
+        """Hessian (N, N): ``jax.hessian`` of loss over the ``ravel_pytree`` flattening of params, NaN
+        outside the domain."""
         flat, unravel = ravel_pytree(params)
-        return jax.hessian(lambda y: self.loss(unravel(y)))(flat)
+        return nan_outside(self.in_domain(params), jax.hessian(lambda y: self.loss(unravel(y)))(flat))
 
 
 def nan_outside(ok, out):
@@ -134,10 +145,12 @@ def nan_outside(ok, out):
 
     Problems wrap every output with it so that leaving a formula's domain
     (overflow, a non-positive normaliser) gives NaN, never plausible numbers.
+    With a domain (``ok`` not None) an entry that overflowed anyway is NaN
+    too, so that no method returns inf.
     """
     if ok is None:
         return out
-    return jax.tree.map(lambda o: jnp.where(ok, o, jnp.nan), out)
+    return jax.tree.map(lambda o: jnp.where(ok & jnp.isfinite(o), o, jnp.nan), out)
 
 
 def _describe(x: Any) -> str:

@@ -7,8 +7,9 @@ z (n,) and the target b (n,):
 - ``grad(z, b)``: ``d ell / dz``, (n,);
 - ``curvature(z, b)``: ``d^2 ell / dz^2 = B`` as :class:`DiagPlusLowRank` (rank 2);
 - ``gauss_newton(z, b)``: ``J^T J`` with J the Jacobian of the residual, PSD, rank 2;
-- ``in_domain(z)``: False where the formulas leave their domain (overflow of
-  ``exp``, a non-positive normaliser); ``None`` if they never do.
+- ``in_domain(z, b)``: False where the formulas leave their domain (overflow of
+  ``exp`` or of the squares the formulas form, a non-positive normaliser);
+  ``None`` if they never do.
 
 Formulas: (docs/math.md, Softmax regression),
 (docs/math.md, Rescaled regression) and
@@ -65,7 +66,7 @@ class SoftmaxLink:
         f, _, _ = self._parts(z, b)
         return jacobian_gram(f, f)
 
-    def in_domain(self, z):
+    def in_domain(self, z, b):
         return None
 
 
@@ -84,8 +85,10 @@ class RescaledLink:
     grad = φ'∘q;  B = diag(φ'∘φ' + φ''∘q) - (φ'∘b) φ'^T - φ' (φ'∘b)^T + ||b||^2 φ' φ'^T
     with c = u - <u, 1> b, q = c - <b, c> 1.
 
-    Domain: φ overflows near |z| = 88 (float32) or 709 (float64); where
-    ``sum |φ(z)|`` is not finite the problem returns NaN.
+    Domain: the formulas form products of two of φ, φ', φ'' and <u, 1> b, so
+    ``in_domain`` asks ``((1 + ||b||_1) (sum|φ| + sum|φ'| + sum|φ''|))^2`` to be finite:
+    for exp about z < 43 (float32) or z < 354 (float64), half the overflow point of φ.
+    Outside it the problem returns NaN.
     """
 
     name: str = "exp"
@@ -118,9 +121,9 @@ class RescaledLink:
         _, _, d1, _ = self._parts(z, b)
         return jacobian_gram(d1, b)
 
-    def in_domain(self, z):
-        phi, dphi, _ = RESCALED_FUNCTIONS[self.name]
-        return jnp.isfinite(jnp.sum(jnp.abs(phi(z))) + jnp.sum(jnp.abs(dphi(z))))
+    def in_domain(self, z, b):
+        total = sum(jnp.sum(jnp.abs(fn(z))) for fn in RESCALED_FUNCTIONS[self.name])
+        return jnp.isfinite(jnp.square(total * (1 + jnp.sum(jnp.abs(b)))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +135,9 @@ class ResNetSoftmaxLink:
     grad = u'∘h / α;  B = [diag(u'∘u') - u' p'^T - p' u'^T + γ u' u'^T] / α^2 + diag(e∘h) / α.
 
     Domain: the normaliser α must be positive and finite (e^z + z < 0 for
-    z < -0.567, so α <= 0 happens); outside it the problem returns NaN.
+    z < -0.567, so α <= 0 happens), and the squares of ``u/α`` and ``u'/α`` that the
+    formulas form must be finite; outside it the problem returns NaN. The curvature
+    divides u' by α before squaring, so it is finite wherever the loss is.
     """
 
     name: str = "resnet_softmax"
@@ -151,18 +156,20 @@ class ResNetSoftmaxLink:
 
     def grad(self, z, b):
         e, alpha, _, _, h = self._parts(z, b)
-        return (e + 1) * h / alpha
+        return (e + 1) / alpha * h
 
     def curvature(self, z, b):
         e, alpha, f, _, h = self._parts(z, b)
-        du = e + 1
-        U, M = symmetric_rank2(du, du * (2 * f - b), (3 * f - 2 * b) @ f, scale=alpha**-2)
-        return DiagPlusLowRank(du * du / alpha**2 + e * h / alpha, U, M)
+        r = (e + 1) / alpha  # u'/α: dividing before squaring keeps the curvature finite wherever the loss is
+        U, M = symmetric_rank2(r, r * (2 * f - b), (3 * f - 2 * b) @ f)
+        return DiagPlusLowRank(r * r + e / alpha * h, U, M)
 
     def gauss_newton(self, z, b):
         e, alpha, f, _, _ = self._parts(z, b)
         return jacobian_gram((e + 1) / alpha, f)
 
-    def in_domain(self, z):
-        alpha = jnp.sum(jnp.exp(z) + z)
-        return jnp.isfinite(alpha) & (alpha > 0)
+    def in_domain(self, z, b):
+        e = jnp.exp(z)
+        alpha = jnp.sum(e + z)
+        ratio = (jnp.sum(jnp.abs(e + z)) + jnp.sum(e + 1)) / jnp.where(alpha > 0, alpha, 1)
+        return jnp.isfinite(alpha) & (alpha > 0) & jnp.isfinite(jnp.square(ratio * (1 + jnp.sum(jnp.abs(b)))))

@@ -45,7 +45,7 @@ class MatrixLinkRegression(OperatorRegression):
     names: ClassVar = ("X", "V")
 
     def __init__(self, A1, A2, B, reg=0.0, ridge=0.0, *, link):
-        dtype = _validate.float_dtype(A1, A2, B)
+        dtype = _validate.float_dtype(A1=A1, A2=A2, B=B)
         A1 = _validate.as_array("A1", A1, dtype, (None, None))
         A2 = _validate.as_array("A2", A2, dtype, (None, None))
         shape = (A1.shape[0], A2.shape[0])
@@ -95,28 +95,30 @@ class MatrixRescaledRegression(LinkByName, MatrixLinkRegression):
         super().__init__(A1, A2, B, reg, ridge, link=RescaledLink(link))
 
 
-def _planted(key, n, d, cond, scale, dtype):
-    """A1, A2 (n, d) of condition number ``cond`` and a planted X* (d, d) with O(scale) logits."""
-    k1, k2, kx = jax.random.split(key, 3)
+def _planted(key, n, d, cond, scale, noise, dtype):
+    """A1, A2 (n, d) of condition number ``cond``, a planted X* (d, d) with O(scale) logits, and the
+    function that applies the multiplicative ``noise`` to a target; checks the options (ValueError naming one)."""
+    _validate.generator_options(n=n, d=d, cond=cond, scale=scale, noise=noise, dtype=dtype)
+    _validate.at_most("d", d, "n", n)
+    k_p, k_n = jax.random.split(key)
+    k1, k2, kx = jax.random.split(k_p, 3)
     A1 = conditioned_matrix(k1, n, d, cond, dtype)
     A2 = conditioned_matrix(k2, n, d, cond, dtype)
-    return A1, A2, scale * jax.random.normal(kx, (d, d), dtype) / d
+    return A1, A2, scale * jax.random.normal(kx, (d, d), dtype) / d, lambda target: noisy(k_n, target, noise)
 
 
 @register("matrix_softmax")
 def matrix_softmax_instance(key, n=8, d=3, cond=1.0, reg=0.0, ridge=0.0, noise=0.0, scale=1.0, dtype="float64"):
     """MatrixSoftmaxRegression with B = row_softmax(A1 X* A2^T) (times multiplicative noise), X0 = 0."""
-    k_p, k_n = jax.random.split(key)
-    A1, A2, X_star = _planted(k_p, n, d, cond, scale, dtype)
-    B = noisy(k_n, jax.nn.softmax(A1 @ X_star @ A2.T, axis=-1), noise)
+    A1, A2, X_star, add_noise = _planted(key, n, d, cond, scale, noise, dtype)
+    B = add_noise(jax.nn.softmax(A1 @ X_star @ A2.T, axis=-1))
     return Instance(MatrixSoftmaxRegression(A1, A2, B, reg, ridge), jnp.zeros((d, d), dtype), X_star)
 
 
 @register("matrix_rescaled")
 def matrix_rescaled_instance(key, n=8, d=3, cond=1.0, reg=0.1, ridge=0.0, noise=0.0, scale=1.0, dtype="float64"):
     """MatrixRescaledRegression (exp) with B = E*/rowsum(E*), E* = exp(A1 X* A2^T) (noisy), X0 = 0."""
-    k_p, k_n = jax.random.split(key)
-    A1, A2, X_star = _planted(k_p, n, d, cond, scale, dtype)
+    A1, A2, X_star, add_noise = _planted(key, n, d, cond, scale, noise, dtype)
     E = jnp.exp(A1 @ X_star @ A2.T)
-    B = noisy(k_n, E / jnp.sum(E, axis=-1, keepdims=True), noise)
+    B = add_noise(E / jnp.sum(E, axis=-1, keepdims=True))
     return Instance(MatrixRescaledRegression(A1, A2, B, reg, ridge), jnp.zeros((d, d), dtype), X_star)

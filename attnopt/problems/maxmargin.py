@@ -345,7 +345,7 @@ class PromptAttention(_TokenAttention):
         _choice("trainable", trainable, ("p", "vp"))
         if v is None and trainable == "p":
             raise ValueError("v is required for trainable='p'")
-        dtype = _validate.float_dtype(*(x for x in (X, Y, v, W) if x is not None))
+        dtype = _validate.float_dtype(**{k: x for k, x in {"X": X, "Y": Y, "v": v, "W": W}.items() if x is not None})
         X = _validate.as_array("X", X, dtype, (None, None, None))
         n, _, d = X.shape
         self._set(
@@ -389,7 +389,7 @@ class CrossAttention(_TokenAttention):
         _choice("trainable", trainable, ("W", "vW"))
         if v is None and trainable == "W":
             raise ValueError("v is required for trainable='W'")
-        dtype = _validate.float_dtype(*(x for x in (X, Y, Z, v) if x is not None))
+        dtype = _validate.float_dtype(**{k: x for k, x in {"X": X, "Y": Y, "Z": Z, "v": v}.items() if x is not None})
         X = _validate.as_array("X", X, dtype, (None, None, None))
         n, _, d = X.shape
         eps = _validate.scalar("eps", eps, dtype)

@@ -49,6 +49,7 @@ class OperatorRegression(Problem):
 
     static: ClassVar = ("link",)
     names: ClassVar = ("x", "v")
+    lower_bound: ClassVar = 0.0  # a sum of squares
     link: Any
 
     def _set_regularisers(self, dtype, reg, ridge, link):
@@ -75,7 +76,7 @@ class OperatorRegression(Problem):
         return self.operator.mv(x)
 
     def _domain(self, Z):
-        ok = self._rows(self.link.in_domain)(Z)
+        ok = self._rows(self.link.in_domain)(Z, self.target)
         return None if ok is None else jnp.all(ok)
 
     def in_domain(self, x) -> jax.Array:
@@ -167,7 +168,7 @@ class LinkRegression(OperatorRegression):
     leaves: ClassVar = ("A", "b", "reg", "ridge")
 
     def __init__(self, A, b, reg=0.0, ridge=0.0, *, link):
-        dtype = _validate.float_dtype(A, b)
+        dtype = _validate.float_dtype(A=A, b=b)
         A = _validate.as_array("A", A, dtype, (None, None))
         n, _ = A.shape
         self._set(A=A, b=_validate.as_array(f"b (A has {n} rows)", b, dtype, (n,)))
@@ -224,41 +225,44 @@ class ResNetSoftmaxRegression(LinkRegression):
         super().__init__(A, b, reg, ridge, link=ResNetSoftmaxLink())
 
 
-def _planted(key, n, d, cond, scale, dtype):
-    """A (n, d) of condition number ``cond`` and a planted x* with O(scale) logits."""
-    k_a, k_x = jax.random.split(key)
+def _planted(key, n, d, cond, scale, noise, dtype):
+    """A (n, d) of condition number ``cond``, a planted x* with O(scale) logits, and the function that
+    applies the multiplicative ``noise`` to a target; checks the options (ValueError naming one)."""
+    _validate.generator_options(n=n, d=d, cond=cond, scale=scale, noise=noise, dtype=dtype)
+    _validate.at_most("d", d, "n", n)
+    k_p, k_n = jax.random.split(key)
+    k_a, k_x = jax.random.split(k_p)
     A = conditioned_matrix(k_a, n, d, cond, dtype)
-    return A, scale * jax.random.normal(k_x, (d,), dtype) / jnp.sqrt(d)
+    return A, scale * jax.random.normal(k_x, (d,), dtype) / jnp.sqrt(d), lambda target: noisy(k_n, target, noise)
 
 
 @register("softmax")
 def softmax_instance(key, n=16, d=6, cond=1.0, reg=0.0, ridge=0.0, noise=0.0, scale=1.0, dtype="float64"):
     """SoftmaxRegression with b = softmax(A x*) (times multiplicative noise), x0 = 0."""
-    k_p, k_n = jax.random.split(key)
-    A, x_star = _planted(k_p, n, d, cond, scale, dtype)
-    b = noisy(k_n, jax.nn.softmax(A @ x_star), noise)
+    A, x_star, add_noise = _planted(key, n, d, cond, scale, noise, dtype)
+    b = add_noise(jax.nn.softmax(A @ x_star))
     return Instance(SoftmaxRegression(A, b, reg, ridge), jnp.zeros(d, dtype), x_star)
 
 
 @register("resnet_softmax")
 def resnet_instance(key, n=16, d=6, cond=1.0, reg=0.0, ridge=0.0, noise=0.0, scale=1.0, dtype="float64"):
     """ResNetSoftmaxRegression with b = u*/<u*, 1>, u* = exp(A x*) + A x* (noisy), x0 = 0."""
-    k_p, k_n = jax.random.split(key)
-    A, x_star = _planted(k_p, n, d, cond, scale, dtype)
+    A, x_star, add_noise = _planted(key, n, d, cond, scale, noise, dtype)
     u = jnp.exp(A @ x_star) + A @ x_star
-    b = noisy(k_n, u / jnp.sum(u), noise)
+    b = add_noise(u / jnp.sum(u))
     return Instance(ResNetSoftmaxRegression(A, b, reg, ridge), jnp.zeros(d, dtype), x_star)
 
 
 def _rescaled_generator(link):
     def rescaled_instance(key, n=16, d=6, cond=1.0, reg=0.1, ridge=0.0, noise=0.0, scale=1.0, dtype="float64"):
-        """RescaledRegression with b = u*/<u*, 1>, u* = φ(A x*) (noisy), x0 = 0."""
-        k_p, k_n = jax.random.split(key)
-        A, x_star = _planted(k_p, n, d, cond, scale, dtype)
+        A, x_star, add_noise = _planted(key, n, d, cond, scale, noise, dtype)
         u = RESCALED_FUNCTIONS[link][0](A @ x_star)
-        b = noisy(k_n, u / jnp.sum(u), noise)
+        b = add_noise(u / jnp.sum(u))
         return Instance(RescaledRegression(A, b, link, reg, ridge), jnp.zeros(d, dtype), x_star)
 
+    rescaled_instance.__doc__ = (
+        f"RescaledRegression (link {link}) with b = u*/<u*, 1>, u* = {link}(A x*) (noisy), x0 = 0."
+    )
     return register(f"rescaled_{link}")(rescaled_instance)
 
 

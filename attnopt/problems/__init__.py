@@ -10,3 +10,10 @@ from attnopt.problems.regression import (
 from attnopt.problems.matrix import MatrixLinkRegression, MatrixRescaledRegression, MatrixSoftmaxRegression
 from attnopt.problems.attention import AttentionParams, AttentionRegression
 from attnopt.problems.maxmargin import CrossAttention, PromptAttention
+from attnopt.problems.reparametrized import (
+    BiasLimit,
+    ReparametrizedLeastSquares,
+    ReparametrizedParams,
+    balanced_factors,
+    hyperbolic_entropy,
+)

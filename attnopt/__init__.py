@@ -1,15 +1,19 @@
 """attnopt: JAX toolkit for the optimization problems that model attention."""
-from attnopt import solvers
-from attnopt.operators import DiagPlusLowRank, KroneckerOperator
+from attnopt import maxmargin, solvers
+from attnopt.operators import DenseOperator, DiagPlusLowRank, KroneckerOperator
 from attnopt.problems import (
     AttentionParams,
     AttentionRegression,
+    CrossAttention,
     Instance,
     LinkRegression,
     MatrixLinkRegression,
     MatrixRescaledRegression,
     MatrixSoftmaxRegression,
     Problem,
+    PromptAttention,
+    ReparametrizedLeastSquares,
+    ReparametrizedParams,
     RescaledRegression,
     ResNetSoftmaxRegression,
     SoftmaxRegression,

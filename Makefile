@@ -25,3 +25,4 @@ bench: venv
 	$(PY) benchmarks/solvers.py
 	$(PY) benchmarks/kronecker.py
 	$(PY) benchmarks/sweeps.py
+	$(PY) benchmarks/peers.py

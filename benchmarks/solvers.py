@@ -1,18 +1,21 @@
 """Solvers: time to a gradient norm of 1e-9, and batched vs looped throughput.
 
 1. On an ill-conditioned, regularised SoftmaxRegression (n=4096, d=64,
-   cond(A)=100, reg=1e-3, float64) from x0 = 0: attnopt ``newton`` and
-   ``newton_cg`` against SciPy ``trust-exact`` (jitted ``jax.hessian`` and
-   ``jax.value_and_grad``), SciPy ``trust-ncg`` (jitted jvp-of-grad HVP), and
-   ``optax.lbfgs`` in a ``lax.while_loop`` (optax's documented pattern). Every
-   jitted function is compiled before timing; times are medians of interleaved
-   repeats; ``ratio = method time / newton time``.
+   cond(A)=100, reg=1e-3, float64) from x0 = 0: attnopt ``newton``,
+   ``newton_cg`` and ``trust_region`` against SciPy ``trust-exact`` (jitted
+   ``jax.hessian`` and ``jax.value_and_grad``), SciPy ``trust-ncg`` (jitted
+   jvp-of-grad HVP), and ``optax.lbfgs`` in a ``lax.while_loop`` (optax's
+   documented pattern; the baselines are those of ``benchmarks/peers.py``, which
+   compares more peers on more instances). Every jitted function is compiled
+   before timing; times are medians of interleaved repeats;
+   ``ratio = method time / newton time``.
 2. Throughput: 256 instances (n=256, d=16; also n=64, d=8) solved by one
    jitted ``vmap`` of ``attnopt.solvers.solve`` (all instances step in
-   lockstep until the last one stops) and by ``solve_batch(...,
-   chunk_size=4)`` (lockstep groups of 4, one after another) against a
-   Python loop of single (jitted) solves, all compiled before timing, same
-   tolerance and budget; ``throughput_ratio = loop time / vmapped time``.
+   lockstep until the last one stops) and by ``solve_batch`` with its default
+   plan (on CPU: groups of ``chunk_size`` instances, one group after another;
+   see ``attnopt.solvers.loop.auto_chunk_size``) against a Python loop of single
+   (jitted) solves, all compiled before timing, same tolerance and budget;
+   ``throughput_ratio = loop time / vmapped time``.
 
     python benchmarks/solvers.py [--out benchmarks/results/solvers.json] [--quick]
 """
@@ -22,72 +25,42 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import optax.tree
-import scipy.optimize
-
-jax.config.update("jax_enable_x64", True)
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing  # noqa: E402
+import peers  # noqa: E402  (sets up float64 and attnopt's runtime defaults)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from attnopt.problems import stack  # noqa: E402
 from attnopt.problems.registry import make  # noqa: E402
 from attnopt.solvers import newton, newton_cg, solve, solve_batch  # noqa: E402
+from attnopt.solvers.loop import auto_chunk_size  # noqa: E402
+from attnopt.solvers.trust_region import trust_region  # noqa: E402
 
-TOL = 1e-9
+TOL = peers.TOL
 MAX_STEPS = 1000
-CHUNK_SIZE = 4  # instances per lockstep group in solve_batch(chunk_size=...); small groups suit a CPU
 
 
 def instance(key, n, d):
     return make("softmax", key, n=n, d=d, cond=100.0, reg=1e-3, noise=0.1, scale=2.0)
 
 
-# ----------------------------------------------------------------------------- baselines
+# ----------------------------------------------------------------------------- baselines (shared with peers.py)
 
-value_and_grad = jax.jit(lambda p, x: jax.value_and_grad(p.loss)(x))
-autodiff_hessian = jax.jit(lambda p, x: jax.hessian(p.loss)(x))
-autodiff_hvp = jax.jit(lambda p, x, v: jax.jvp(jax.grad(p.loss), (x,), (v,))[1])
+
+def loss(problem, x):
+    return problem.loss(x)
 
 
 def scipy_minimize(problem, x0, method):
     """SciPy ``method`` with jitted autodiff derivatives; returns (x, iterations)."""
-    fun = lambda x: tuple(np.asarray(a) for a in value_and_grad(problem, x))
-    derivatives = (
-        {"hess": lambda x: np.asarray(autodiff_hessian(problem, x))}
-        if method == "trust-exact"
-        else {"hessp": lambda x, v: np.asarray(autodiff_hvp(problem, x, v))}
-    )
-    res = scipy.optimize.minimize(
-        fun, np.asarray(x0), jac=True, method=method, options={"gtol": TOL, "maxiter": MAX_STEPS}, **derivatives
-    )
-    return res.x, res.nit
+    return peers.scipy_method(method)(loss, problem, x0)
 
 
-@jax.jit
 def optax_lbfgs(problem, x0):
     """optax.lbfgs in a while_loop, as in optax's L-BFGS documentation; returns (x, iterations)."""
-    opt = optax.lbfgs()
-    value_and_grad_fn = optax.value_and_grad_from_state(problem.loss)
-
-    def step(carry):
-        params, state = carry
-        value, grad = value_and_grad_fn(params, state=state)
-        updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=problem.loss)
-        return optax.apply_updates(params, updates), state
-
-    def keep_going(carry):
-        _, state = carry
-        count = optax.tree.get(state, "count")
-        grad = optax.tree.get(state, "grad")
-        return (count == 0) | ((count < MAX_STEPS) & (optax.tree.norm(grad) >= TOL))
-
-    params, state = jax.lax.while_loop(keep_going, step, (x0, opt.init(x0)))
-    return params, optax.tree.get(state, "count")
+    return peers.optax_lbfgs(loss, problem, x0)
 
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -101,6 +74,8 @@ def time_to_tolerance(n, d, repeats):
             solve(problem, x0, newton(), max_steps=MAX_STEPS, tol=TOL)),
         "attnopt.newton_cg": lambda: (lambda r: (r.state.params, r.steps))(
             solve(problem, x0, newton_cg(), max_steps=MAX_STEPS, tol=TOL)),
+        "attnopt.trust_region": lambda: (lambda r: (r.state.params, r.steps))(
+            solve(problem, x0, trust_region(), max_steps=MAX_STEPS, tol=TOL)),
         "scipy.trust-exact": lambda: scipy_minimize(problem, x0, "trust-exact"),
         "scipy.trust-ncg": lambda: scipy_minimize(problem, x0, "trust-ncg"),
         "optax.lbfgs": lambda: optax_lbfgs(problem, x0),
@@ -125,8 +100,8 @@ def batched_throughput(batch, n, d, repeats):
     solver = newton()
     vmapped = jax.jit(jax.vmap(lambda p, x: solve(p, x, solver, max_steps=MAX_STEPS, tol=TOL)))
 
-    def chunked():
-        return solve_batch(problems, x0s, solver, max_steps=MAX_STEPS, tol=TOL, chunk_size=CHUNK_SIZE)
+    def chunked():  # the default plan (chunk_size="auto")
+        return solve_batch(problems, x0s, solver, max_steps=MAX_STEPS, tol=TOL)
 
     def loop():
         return [solve(i.problem, i.x0, solver, max_steps=MAX_STEPS, tol=TOL) for i in instances]
@@ -141,7 +116,8 @@ def batched_throughput(batch, n, d, repeats):
     agree = max(agree, float(jnp.max(jnp.abs(chunked().state.params - batched.state.params))))
     return {
         "batch": batch, "n": n, "d": d, "solver": "newton",
-        "vmapped_s": times["vmapped"], "chunked_s": times["chunked"], "chunk_size": CHUNK_SIZE, "loop_s": times["loop"],
+        "vmapped_s": times["vmapped"], "chunked_s": times["chunked"], "loop_s": times["loop"],
+        "chunk_size": auto_chunk_size(problems, x0s, jax.default_backend()),
         "vmapped_per_s": batch / times["vmapped"], "loop_per_s": batch / times["loop"],
         "throughput_ratio": times["loop"] / times["vmapped"],
         "chunked_throughput_ratio": times["loop"] / times["chunked"],
@@ -165,10 +141,10 @@ def main(argv=None):
     print("ratio = method time / attnopt.newton time (> 1: newton faster)")
     print(_timing.format_table(tol_result["rows"], ["method", "time_s", "iterations", "grad_norm", "reached_tol", "ratio_to_newton"]))
     batch_results = [batched_throughput(*size, repeats) for size in throughput_sizes]
-    print(f"\nthroughput: newton, one vmapped solve and solve_batch(chunk_size={CHUNK_SIZE}) vs a loop of single solves"
-          " (ratios = loop time / their time)")
+    print("\nthroughput: newton, one vmapped solve and solve_batch (default plan, chunk_size column) vs a loop of"
+          " single solves (ratios = loop time / their time)")
     print(_timing.format_table(batch_results, [
-        "batch", "n", "d", "vmapped_s", "chunked_s", "loop_s", "throughput_ratio", "chunked_throughput_ratio",
+        "batch", "n", "d", "vmapped_s", "chunked_s", "chunk_size", "loop_s", "throughput_ratio", "chunked_throughput_ratio",
         "converged", "max_steps_taken", "mean_steps_taken",
     ]))
 

@@ -1,4 +1,4 @@
-"""Batched solving: vmap of solve equals one-at-a-time solves; the sharded batch equals the vmapped batch."""
+"""Batched solving: vmap of solve and every solve_batch plan equal one-at-a-time solves; sharded equals vmapped."""
 import os
 import subprocess
 import sys
@@ -11,9 +11,11 @@ import pytest
 
 from attnopt.problems.base import stack
 from attnopt.problems.registry import make
+from attnopt.problems.regression import SoftmaxRegression
 from attnopt.solvers.first_order import from_optax
-from attnopt.solvers.loop import solve, solve_batch
+from attnopt.solvers.loop import auto_chunk_size, solve, solve_batch
 from attnopt.solvers.newton import newton
+from attnopt.solvers.trust_region import trust_region
 
 
 def instances(count, **options):
@@ -53,16 +55,32 @@ def test_vmap_over_starts_only_and_over_tolerances():
     assert over_tol.steps[0] < over_tol.steps[2]  # a looser tolerance stops earlier
 
 
-@pytest.mark.parametrize("chunk_size", [None, 1, 2])
-def test_solve_batch_chunks_equal_vmapped_batch(chunk_size):
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 16, "auto"])
+@pytest.mark.parametrize("solver", [newton(), trust_region()], ids=lambda s: s.name)
+def test_solve_batch_plans_equal_single_solves(chunk_size, solver):
+    """Every execution plan (lockstep, groups, one at a time, the automatic choice) gives each
+    instance its single solve; 5 instances with different step counts, 16 > 5 is one group."""
     insts = instances(5)
     problems = stack([i.problem for i in insts])
     x0s = jnp.stack([0.3 * k * jnp.ones(3) for k in range(5)])
-    vmapped = jax.vmap(lambda p, x: solve(p, x, newton(), max_steps=40, tol=1e-10))(problems, x0s)
-    batched = solve_batch(problems, x0s, newton(), max_steps=40, tol=1e-10, chunk_size=chunk_size)
-    chex.assert_trees_all_close(batched, vmapped, rtol=1e-12, atol=1e-14)
+    batched = solve_batch(problems, x0s, solver, max_steps=40, tol=1e-10, chunk_size=chunk_size)
+    assert len(set(batched.steps.tolist())) > 1
+    for k, inst in enumerate(insts):
+        single = solve(inst.problem, x0s[k], solver, max_steps=40, tol=1e-10)
+        chex.assert_trees_all_close(jax.tree.map(lambda leaf: leaf[k], batched), single, rtol=1e-10, atol=1e-13)
     with pytest.raises(ValueError, match="chunk_size"):
-        solve_batch(problems, x0s, newton(), chunk_size=0)
+        solve_batch(problems, x0s, solver, chunk_size=0)
+
+
+def test_auto_plan_by_platform_and_size():
+    def plan(n, d, platform="cpu"):
+        problem = SoftmaxRegression(jnp.ones((n, d)), jnp.full(n, 1 / n))
+        return auto_chunk_size(stack([problem, problem]), jnp.zeros((2, d)), platform)
+
+    assert plan(64, 8, "gpu") is None and plan(64, 8, "tpu") is None  # accelerators: lockstep
+    sizes = [plan(64, 8), plan(256, 16), plan(1024, 32), plan(4096, 64)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 1 and sizes[-1] == 1, sizes
+    assert all(1 <= s <= 16 for s in sizes)
 
 
 def test_solve_batch_checks_batch_axis():
@@ -76,7 +94,7 @@ SHARDED = textwrap.dedent(
     import jax, jax.numpy as jnp
     from attnopt.problems.base import stack
     from attnopt.problems.registry import make
-    from attnopt.solvers.loop import solve, solve_batch
+    from attnopt.solvers.loop import auto_chunk_size, solve, solve_batch
     from attnopt.solvers.newton import newton
 
     assert jax.config.jax_enable_x64 and len(jax.devices()) == 4, jax.devices()

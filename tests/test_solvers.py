@@ -68,6 +68,55 @@ def test_gauss_newton_zero_residual():
     np.testing.assert_allclose(result.state.params, inst.solution, atol=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_gauss_newton_converges_where_its_model_is_far_below_the_hessian(seed):
+    """Rescaled exp with |x*| = 3 (large residual): the Gauss-Newton matrix is over 10x below the Hessian.
+    Unscaled Gauss-Newton steps overshot, and halving backtracking oscillated until MAX_STEPS."""
+    inst = make("rescaled_exp", jax.random.key(seed), n=256, d=8, scale=3.0)
+    result = solve(inst.problem, inst.x0, gauss_newton(), max_steps=100, tol=1e-9)
+    assert Status(int(result.status)) == Status.CONVERGED, Status(int(result.status)).name
+    assert true_grad_norm(inst.problem, result.state.params) <= 1e-9
+    x = result.state.params
+    H, G = (np.linalg.eigvalsh(np.asarray(m(x))) for m in (inst.problem.hessian, inst.problem.gauss_newton_matrix))
+    assert H.min() > 10 * G.max()
+
+
+def unregularised_instance(seed):
+    """n=2048, d=32, |x*| = 6, no regulariser: indefinite Hessians on the way, and m = 1775 < n sampled rows."""
+    return make("softmax", jax.random.PRNGKey(seed), n=2048, d=32, scale=6.0)
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_approx_newton_converges_on_unregularised_instance(seed):
+    inst = unregularised_instance(seed)
+    assert sample_count(2048, 32, 0.5, 4.0) < 2048
+    result = solve(inst.problem, inst.x0, approx_newton(0.5), max_steps=200, tol=1e-9)
+    assert Status(int(result.status)) == Status.CONVERGED, Status(int(result.status)).name
+    assert true_grad_norm(inst.problem, result.state.params) <= 1e-9
+
+
+def test_approx_newton_samples_where_the_sketch_holds():
+    """On a regularised instance the sketch passes its check along most steps (no exact fallback)."""
+    inst = make("softmax", jax.random.key(1), n=2000, d=4, cond=10.0, reg=0.3, ridge=1e-3, noise=0.1, scale=2.0)
+    solver = approx_newton(0.5)
+    state, step = solver.init(inst.problem, inst.x0), jax.jit(solver.step)
+    exact = []
+    for _ in range(8):
+        state = step(inst.problem, state)
+        exact.append(bool(state.inner.model[1]))
+    assert sum(exact) <= 2, exact
+    assert float(jnp.linalg.norm(state.grad)) < 1e-6
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_newton_cg_converges_on_unregularised_instance(seed):
+    """Negative curvature at the first CG iterations: unscaled -g steps crawled (||g|| ~ 1e-3 at MAX_STEPS)."""
+    inst = unregularised_instance(seed)
+    result = solve(inst.problem, inst.x0, newton_cg(), max_steps=200, tol=1e-9)
+    assert Status(int(result.status)) == Status.CONVERGED, Status(int(result.status)).name
+    assert true_grad_norm(inst.problem, result.state.params) <= 1e-9
+
+
 @pytest.mark.parametrize("name", ["resnet_softmax", "rescaled_exp", "rescaled_cosh", "rescaled_sinh"])
 def test_newton_on_other_vector_problems(name):
     inst = make(name, jax.random.key(4), n=24, d=4, reg=0.1, ridge=1e-3, noise=0.1)

@@ -32,7 +32,7 @@ from attnopt.maxmargin.activeset import refine
 from attnopt.maxmargin.result import SVMResult, check_constraints, safe_div
 
 GAP_TOL = 1e-7
-POLISH_STEPS = 4
+POLISH_STEPS = 3
 
 
 def solve_nuclear(A, m, mask=None, *, tol=None, max_iter: int = 400) -> SVMResult:

@@ -16,10 +16,11 @@ from attnopt.solvers.newton_cg import newton_cg
 from attnopt.solvers.regularized_newton import regularized_newton
 from attnopt.solvers.registry import chain, constructor, get, names, optax_names, register
 from attnopt.solvers.state import Sealed, Solver, SolverState, Status, Tolerance, solver_class, static
+from attnopt.solvers.trust_region import trust_region
 from attnopt.solvers.zeroth_order import zeroth_order
 
 for _constructor in (
-    newton, newton_cg, gauss_newton, approx_newton, regularized_newton, zeroth_order, alternating, normalized_gd, mirror_descent, chain,
+    newton, newton_cg, gauss_newton, approx_newton, regularized_newton, zeroth_order, alternating, normalized_gd, mirror_descent, chain, trust_region,
 ):
     register(_constructor.__name__)(_constructor)
 
@@ -55,5 +56,6 @@ __all__ = [
     "solve_batch",
     "solver_class",
     "static",
+    "trust_region",
     "zeroth_order",
 ]

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from attnopt.solvers.capabilities import HasCurvature
-from attnopt.solvers.newton import Newton, line_search_options
+from attnopt.solvers.newton import CurvatureScaled, Newton, line_search_options
 from attnopt.solvers.state import solver_class, static
 
 
@@ -94,9 +94,36 @@ def check_sketch(eps, oversample) -> tuple[float, float]:
     return float(eps), float(oversample)
 
 
+class Verified(Sketched):
+    """Mixin: a sketched model checked along each step, with one exact step where it fails.
+
+    The model state is ``(key, exact)``. A step with the sketch H~ compares its
+    curvature along the step with the exact one (the HVP of
+    :class:`attnopt.solvers.newton.CurvatureScaled`); if
+    ``|<p, H~ p> - <p, H p>| > eps <p, H p>`` (or ``<p, H p> <= 0``), H~ is not the
+    ``(1 +- eps)`` approximation it should be there (sampling with |D| when D has
+    negative entries, or a low-rank part that cancels most of ``A^T diag(D) A``),
+    and the next step uses the exact Hessian, after which sampling resumes.
+    """
+
+    def model_init(self, params):
+        return Sketched.model_init(self, params), jnp.asarray(False)
+
+    def matrix(self, problem, params, model_state):
+        key, exact = model_state
+        M, key = jax.lax.cond(
+            exact, lambda: (problem.hessian(params), key), lambda: Sketched.matrix(self, problem, params, key)
+        )
+        return M, (key, exact)
+
+    def check_model(self, M, p, curvature, model_state):
+        key, _ = model_state
+        return key, ~(jnp.abs(p @ (M @ p) - curvature) <= self.eps * curvature)
+
+
 @solver_class
-class ApproxNewton(Sketched, Newton):
-    """Newton with the sketched Hessian (build with :func:`approx_newton`)."""
+class ApproxNewton(CurvatureScaled, Verified, Newton):
+    """Newton with the sketched Hessian, verified along each step (build with :func:`approx_newton`)."""
 
     eps: float = static(0.5)
     oversample: float = static(4.0)
@@ -118,8 +145,12 @@ def approx_newton(
       oversample: the constant c in the sample count (static).
       c1, shrink, max_backtracks: the line search, as in :func:`attnopt.solvers.newton`.
 
-    Needs a problem with ``A``, ``curvature(x)`` (a DiagPlusLowRank) and ``ridge``.
-    Converges linearly at rate about eps near the optimum.
+    Needs a problem with ``A``, ``curvature(x)`` (a DiagPlusLowRank) and ``ridge``. Each step
+    scales its direction by the exact curvature along it (one HVP) and checks the sketch there;
+    where the sketch is off by more than eps, the next step uses the exact Hessian (:class:`Verified`),
+    so the solve converges also where sampling loses its guarantee (indefinite, unregularised
+    instances), where up to every other step then forms the exact Hessian. Converges linearly at
+    rate about eps near the optimum where the sketch holds.
     """
     max_backtracks = line_search_options(c1, shrink, max_backtracks)
     eps, oversample = check_sketch(eps, oversample)

@@ -280,11 +280,14 @@ def _raise_on_failure(result: SolveResult) -> None:
 @functools.partial(jax.jit, static_argnames=("options", "mesh", "chunk_size"))
 def _solve_sharded(problems, x0s, solver, tolerance, *, options, mesh, chunk_size):
     run = _solver_function(options)
+    each = lambda args: run(*args, solver, tolerance)
 
     def local(problems, x0s):  # one device's share of the batch
         if chunk_size is None:
             return jax.vmap(run, in_axes=(0, 0, None, None))(problems, x0s, solver, tolerance)
-        return jax.lax.map(lambda args: run(*args, solver, tolerance), (problems, x0s), batch_size=chunk_size)
+        if chunk_size == 1:  # one instance after another, each its own (unbatched) loop
+            return jax.lax.map(each, (problems, x0s))
+        return jax.lax.map(each, (problems, x0s), batch_size=chunk_size)
 
     batch = PartitionSpec("batch")
     # check_vma=False: the solvers' loops start carries from replicated constants; every value is per-device.
@@ -292,23 +295,53 @@ def _solve_sharded(problems, x0s, solver, tolerance, *, options, mesh, chunk_siz
     return sharded(problems, x0s)
 
 
+#: CPU plan of :func:`auto_chunk_size`: lockstep groups of about this many elements of work per step
+#: (instance data elements x parameters), at most ``MAX_CPU_CHUNK`` instances.
+CPU_CHUNK_WORK = 1 << 22
+MAX_CPU_CHUNK = 16
+
+
+def auto_chunk_size(problems, x0s, platform: str) -> int | None:
+    """The execution plan :func:`solve_batch` picks by default (``chunk_size="auto"``).
+
+    Accelerators: None, the whole (per-device) batch in lockstep. CPU: groups of
+    ``2^floor(log2(CPU_CHUNK_WORK / w))`` instances, clipped to [1, MAX_CPU_CHUNK],
+    with ``w`` = (elements of one instance's data) x (its parameter count), a proxy
+    for the work of a Newton-type step (``n d^2`` for a vector problem with A (n, d)).
+    On a CPU a lockstep batch runs every step for all its instances at once with
+    worse cache use and waits for its slowest instance, so large instances go one
+    at a time (1: ``lax.map`` of the single solve inside one program) and small
+    ones in small groups, whose shared loop overhead is what the batching saves.
+    """
+    if platform != "cpu":
+        return None
+    data = sum(math.prod(leaf.shape[1:]) for leaf in jax.tree.leaves(problems))
+    params = sum(math.prod(leaf.shape[1:]) for leaf in jax.tree.leaves(x0s))
+    work = max(data * params, 1)
+    return int(min(MAX_CPU_CHUNK, 2 ** max(0, math.floor(math.log2(CPU_CHUNK_WORK / work)))))
+
+
 def solve_batch(
     problems, x0s, solver: Solver, *, max_steps: int = 100, tol: float = 1e-8, rtol: float = 0.0, atol: float = 0.0,
-    metrics: Callable | None = None, record_every: int | None = None, devices=None, chunk_size=None,
+    metrics: Callable | None = None, record_every: int | None = None, devices=None, chunk_size="auto",
 ) -> SolveResult:
     """Solve a stack of problems (leading batch axis on every leaf) sharded over devices.
 
     The batch axis is split over a one-axis ``Mesh`` of ``devices`` (default:
     all of ``jax.devices()``) with ``NamedSharding``; it is padded (by
     repeating the first instance) to a multiple of the device count, and the
-    padding is dropped from the result. Each device solves its share with the
-    vmapped :func:`solve`, whose instances step in lockstep until the last one
-    stops, or, with ``chunk_size``, in consecutive groups of that many
-    (``jax.lax.map(..., batch_size=chunk_size)``). Small groups waste fewer
-    steps and keep their data in cache: on CPU, groups of 1 to 16 are
-    typically faster than the whole batch; on accelerators, keep the default.
-    Each instance gives what :func:`solve` gives for it (the other arguments
-    as there). The result has a leading batch axis on every leaf.
+    padding is dropped from the result. Each device solves its share by the
+    plan ``chunk_size`` names:
+
+    - ``None``: the vmapped :func:`solve`, all instances in lockstep until the last one stops;
+    - an int k: consecutive lockstep groups of k (``jax.lax.map(..., batch_size=k)``), or for
+      k = 1 one instance after another, each its own loop, inside one compiled program;
+    - ``"auto"`` (default): :func:`auto_chunk_size` from the devices' platform and the sizes:
+      lockstep on accelerators; on CPU one at a time for large instances and small groups
+      for small ones, where a lockstep batch is several times slower than a loop of single solves.
+
+    Every plan gives each instance what :func:`solve` gives for it (the other
+    arguments as there). The result has a leading batch axis on every leaf.
     """
     leaves = jax.tree.leaves((problems, x0s))
     if not leaves or any(jnp.ndim(leaf) == 0 for leaf in leaves):
@@ -316,11 +349,13 @@ def solve_batch(
     batch = {leaf.shape[0] for leaf in leaves}
     if len(batch) != 1:
         raise ValueError(f"problems and x0s must share the batch size, got sizes {sorted(batch)}")
-    if chunk_size is not None:
+    if chunk_size is not None and chunk_size != "auto":
         chunk_size = check_count("chunk_size", chunk_size)
     x0s, solver, tolerance, options = _prepare(problems, x0s, solver, max_steps, tol, rtol, atol, record_every, metrics)
     (size,) = batch
     devices = list(jax.devices() if devices is None else devices)
+    if chunk_size == "auto":
+        chunk_size = auto_chunk_size(problems, x0s, devices[0].platform)
     padded = -(-size // len(devices)) * len(devices)
     pad = lambda leaf: jnp.concatenate([leaf, jnp.repeat(leaf[:1], padded - size, axis=0)]) if padded > size else leaf
     mesh = Mesh(np.array(devices), ("batch",))

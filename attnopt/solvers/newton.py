@@ -118,20 +118,54 @@ class Newton(LineSearched):
         nan = jnp.full_like(state.value, jnp.nan)
         return state._replace(inner=NewtonInner(jnp.zeros_like(state.value), nan, self.model_init(params)))
 
+    def refine(self, problem, params, unravel, g, M, p, model_state):
+        """``(direction, model_state)``: the direction the line search starts from, given
+        ``p = -(M + mu I)^{-1} g`` (here p itself)."""
+        del problem, params, unravel, g, M
+        return p, model_state
+
+    def check_model(self, M, p, curvature, model_state):
+        """The model state for the next step, given the exact ``curvature = <p, H p>`` along p
+        (called by :class:`CurvatureScaled`; here unchanged)."""
+        del M, p, curvature
+        return model_state
+
     def step(self, problem, state: SolverState) -> SolverState:
         x, unravel = ravel_pytree(state.params)
         g, _ = ravel_pytree(state.grad)
         M, model_state = self.matrix(problem, state.params, state.inner.model)
         p, mu = damped_newton_direction(M, g)
+        p, model_state = self.refine(problem, state.params, unravel, g, M, p, model_state)
         ls = self.search(problem, unravel, x, state.value, g, p)
         dtype = state.value.dtype
         inner = NewtonInner(mu.astype(dtype), ls.t.astype(dtype), model_state)
         return advance(state, unravel(ls.x), ls.value, unravel(ls.grad), inner, ls.ok, ls.finite)
 
 
+class CurvatureScaled:
+    """Mixin for Newton-type solvers whose curvature model M is not the Hessian H (Gauss-Newton, sketches).
+
+    The direction ``p = -(M + mu I)^{-1} g`` is rescaled, before the line search,
+    to the minimiser of the exact quadratic model along it (one HVP)::
+
+        t* = -<g, p> / <p, H p>   if <p, H p> > 0,   else t* = 1;       search from x along t* p
+
+    Where M misjudges H's scale along p (a large-residual Gauss-Newton model can
+    be many times smaller than H), the plain step p overshoots and halving
+    backtracking alternates around the minimiser without converging once the
+    loss decrease reaches rounding level; t* p is the model's own step length.
+    """
+
+    def refine(self, problem, params, unravel, g, M, p, model_state):
+        curvature = p @ ravel_pytree(problem.hvp(params, unravel(p)))[0]
+        positive = curvature > 0
+        t = jnp.where(positive, -(g @ p) / jnp.where(positive, curvature, 1), 1)
+        return t * p, self.check_model(M, p, curvature, model_state)
+
+
 @solver_class
-class GaussNewton(Newton):
-    """Newton on the PSD Gauss-Newton model (build with :func:`gauss_newton`)."""
+class GaussNewton(CurvatureScaled, Newton):
+    """Newton on the PSD Gauss-Newton model (build with :func:`gauss_newton`), steps scaled by the exact curvature."""
 
     name = "gauss_newton"
     needs = (HasGaussNewton,)
@@ -160,8 +194,10 @@ def newton(*, c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40) -
 
 
 def gauss_newton(*, c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40) -> GaussNewton:
-    """Gauss-Newton: the PSD ``problem.gauss_newton_matrix`` with Armijo backtracking (docs/math.md, Gauss-Newton).
+    """Gauss-Newton: the PSD ``problem.gauss_newton_matrix``, the step scaled by the exact curvature along it
+    (:class:`CurvatureScaled`, one HVP), then Armijo backtracking (docs/math.md, Gauss-Newton).
 
-    Args as in :func:`newton`. Quadratic on zero-residual problems, linear otherwise.
+    Args as in :func:`newton`. Quadratic on zero-residual problems, linear otherwise (at a rate set
+    by how well the Gauss-Newton matrix matches the Hessian).
     """
     return GaussNewton(c1, shrink, line_search_options(c1, shrink, max_backtracks))

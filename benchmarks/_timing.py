@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
+from attnopt.results import cpu_model
+
 
 def _call(fn: Callable[[], Any]) -> None:
     jax.block_until_ready(fn())
@@ -86,17 +88,6 @@ def median_times(
         if max_total_s is not None and r >= 2 and time.perf_counter() - start > max_total_s:
             break
     return {name: statistics.median(s) for name, s in samples.items()}
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or ``platform.processor()``)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine() -> dict[str, Any]:

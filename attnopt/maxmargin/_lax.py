@@ -1,4 +1,13 @@
-"""Control flow that skips work across a vmapped batch."""
+"""Control flow that skips work across a vmapped batch.
+
+A note on the solvers' structure: XLA:CPU runs independent operations concurrently, and
+jaxlib's batched LAPACK kernels (Cholesky, SVD, ... under ``vmap``) split their batch over
+the same thread pool and block a worker while they wait. Two independent batched
+factorizations can then hold every worker of a small pool and deadlock (seen on 2 cores).
+The solvers therefore keep their factorizations in one chain of data dependencies:
+several factorizations of one shape are stacked into one batched call, and each stage
+consumes the previous stage's result.
+"""
 from __future__ import annotations
 
 import jax

@@ -7,14 +7,17 @@ import jax.numpy as jnp
 ROUNDS = 4
 
 
-def refine(polish, residual, slack, active, target):
+def refine(polish, residual, slack, active, start, target):
     """Polish on a guessed active set, correcting the guess until the KKT residual reaches ``target``.
 
     polish(active) -> (solution, lam) solves the problem with the constraints in ``active`` (K,)
-    as equalities; residual(solution, lam) -> () (inf when not finite); slack(solution) -> (K,).
-    Each round drops the constraints whose multiplier came out negative and adds those that
-    the solution violates (a constraint whose interior-point slack and multiplier were of one
-    size can go either way). At most ``ROUNDS`` rounds; returns the best (solution, lam, residual).
+    as equalities; residual(solution, lam) -> () (inf when not finite); slack(solution) -> (K,);
+    ``start`` = (solution, lam, residual), the interior-point answer. Each round drops the
+    constraints whose multiplier came out negative and adds those that the solution violates
+    (a constraint whose interior-point slack and multiplier were of one size can go either
+    way). At most ``ROUNDS`` rounds; returns the best (solution, lam, residual), ``start``
+    included. Every round depends on ``start``, so no factorization of the rounds runs
+    concurrently with the caller's (see :mod:`attnopt.maxmargin._lax`).
     """
 
     def round_(state):
@@ -26,9 +29,7 @@ def refine(polish, residual, slack, active, target):
         active = jnp.where(active, lam >= 0, slack(sol) < 0)
         return active, it + 1, best
 
-    sol, lam = jax.eval_shape(polish, active)
-    empty = (jnp.full(sol.shape, jnp.nan, sol.dtype), jnp.full(lam.shape, jnp.nan, lam.dtype), jnp.array(jnp.inf, sol.dtype))
     _, _, best = jax.lax.while_loop(
-        lambda s: (s[1] < ROUNDS) & (s[2][2] > target), round_, (active, jnp.zeros((), jnp.int32), empty)
+        lambda s: (s[1] < ROUNDS) & (s[2][2] > target), round_, (active, jnp.zeros((), jnp.int32), start)
     )
     return best

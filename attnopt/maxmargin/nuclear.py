@@ -16,7 +16,7 @@ M(lambda) = sum_k lambda_k A_k. Steps, all with fixed shapes and lax loops (vmap
    optimality conditions of the factored problem ``min 1/2 (||K||^2 + ||Q||^2)``
    with W = K Q^T (d x r): ``K = M Q, Q = M^T K, <A_k, K Q^T> = m_k`` on the active set,
    the active set corrected in a few rounds (:func:`activeset.refine`);
-4. keep whichever pair, barrier or polished, has the smaller KKT residual: the largest
+4. keep whichever pair, barrier or polished, has the smallest KKT residual: the largest
    of primal infeasibility max_k (m_k - <A_k, W>)_+ / (|m_k| + ||A_k||_F ||W||_F), dual
    infeasibility (||M||_2 - 1)_+ and max_k (-lambda_k)_+ ||A_k||_F, and the relative
    duality gap |‖W‖_* - m^T lambda| / ‖W‖_*. Primal and dual feasible with gap g
@@ -92,17 +92,18 @@ def _barrier(A, m, max_iter):
     K, d1, d2 = A.shape
     nu = K + min(d1, d2)
     dtype = A.dtype
-    lengths = 0.5 ** jnp.arange(30, dtype=dtype)
+    trial = 0.5 ** jnp.arange(30, dtype=dtype)
 
     def body(state):
         lam, t, it, _ = state
         step, dec = _newton(A, m, lam, t)
-        phi = jax.vmap(lambda a: _phi(A, m, lam + a * step, t))(lengths)
+        # phi now and at each trial step in one batched factorization (see attnopt.maxmargin._lax)
+        phi = jax.vmap(lambda a: _phi(A, m, lam + a * step, t))(jnp.concatenate([jnp.zeros(1, dtype), trial]))
         # within the region of quadratic convergence (dec < 1/4) the full step is feasible and
         # taken as is: there phi's decrease can fall below its rounding error
-        accept = (phi <= _phi(A, m, lam, t) - 0.25 * lengths * dec**2) | ((dec < 0.25) & jnp.isfinite(phi))
+        accept = (phi[1:] <= phi[0] - 0.25 * trial * dec**2) | ((dec < 0.25) & jnp.isfinite(phi[1:]))
         ok = jnp.any(accept)
-        lam = jnp.where(ok, lam + lengths[jnp.argmax(accept)] * step, lam)
+        lam = jnp.where(ok, lam + trial[jnp.argmax(accept)] * step, lam)
         centred = dec < 1e-3
         finished = centred & (nu / t <= GAP_TOL * jnp.abs(m @ lam))
         t = jnp.where(centred & ~finished, 10 * t, t)
@@ -115,7 +116,7 @@ def _barrier(A, m, max_iter):
     return lam, t
 
 
-def _polish(A, m, active, rank_mask, W, lam):
+def _polish(A, m, active, rank_mask, svd, lam):
     """Gauss-Newton on K = M Q, Q = M^T K, <A_k, K Q^T> = m_k (k active), from W = K Q^T with r columns.
 
     Unknowns x = (vec K (d1, r), vec Q (d2, r), lam (K,)), those outside the rank mask and the
@@ -124,14 +125,13 @@ def _polish(A, m, active, rank_mask, W, lam):
     equations with a tiny Levenberg-Marquardt damping (the near minimum-norm step: K Q^T is
     unchanged by rotating the columns of K and Q together).
     """
-    d1, d2 = W.shape
-    U, s, Vt = jnp.linalg.svd(W, full_matrices=False)
-    r = s.shape[0]
-    eye_r = jnp.eye(r, dtype=W.dtype)
-    cols = rank_mask.astype(W.dtype)
-    x_mask = jnp.concatenate([jnp.tile(cols, d1), jnp.tile(cols, d2), active.astype(W.dtype)])
+    U, s, Vt = svd  # of the starting W
+    d1, d2, r = U.shape[0], Vt.shape[1], s.shape[0]
+    eye_r = jnp.eye(r, dtype=U.dtype)
+    cols = rank_mask.astype(U.dtype)
+    x_mask = jnp.concatenate([jnp.tile(cols, d1), jnp.tile(cols, d2), active.astype(U.dtype)])
     n_x = x_mask.shape[0]
-    eps = jnp.finfo(W.dtype).eps
+    eps = jnp.finfo(U.dtype).eps
 
     def unpack(x):
         x = x * x_mask
@@ -145,13 +145,13 @@ def _polish(A, m, active, rank_mask, W, lam):
         fit = jnp.einsum("kab,ab->k", A, Kf @ Qf.T) - m
         F = jnp.concatenate([(Kf - M @ Qf).ravel(), (Qf - M.T @ Kf).ravel(), jnp.where(active, fit, 0)])
         J = jnp.block([
-            [jnp.eye(d1 * r, dtype=W.dtype), -jnp.kron(M, eye_r), -G1],
-            [-jnp.kron(M.T, eye_r), jnp.eye(d2 * r, dtype=W.dtype), -G2],
-            [G1.T * active[:, None], G2.T * active[:, None], jnp.zeros((A.shape[0],) * 2, W.dtype)],
+            [jnp.eye(d1 * r, dtype=U.dtype), -jnp.kron(M, eye_r), -G1],
+            [-jnp.kron(M.T, eye_r), jnp.eye(d2 * r, dtype=U.dtype), -G2],
+            [G1.T * active[:, None], G2.T * active[:, None], jnp.zeros((A.shape[0],) * 2, U.dtype)],
         ]) * x_mask[None, :]
         JtJ = J.T @ J
-        damping = eps * jnp.trace(JtJ) + jnp.finfo(W.dtype).tiny
-        chol = jax.scipy.linalg.cho_factor(JtJ + damping * jnp.eye(n_x, dtype=W.dtype))
+        damping = eps * jnp.trace(JtJ) + jnp.finfo(U.dtype).tiny
+        chol = jax.scipy.linalg.cho_factor(JtJ + damping * jnp.eye(n_x, dtype=U.dtype))
         return x - jax.scipy.linalg.cho_solve(chol, J.T @ F) * x_mask
 
     root = jnp.sqrt(s) * cols
@@ -160,12 +160,15 @@ def _polish(A, m, active, rank_mask, W, lam):
     return Kf @ Qf.T, lam
 
 
-def _residual(A, m, W, lam):
-    """Largest of primal infeasibility, dual infeasibility and relative duality gap (module docstring)."""
+def _residual(A, m, W, lam, s=None):
+    """(KKT residual, primal infeasibility, ||W||_*): the residual is the largest of primal
+    infeasibility, dual infeasibility and relative duality gap (module docstring).
+    s: the singular values (2, r) of W and M(lam), computed when None."""
     An = jnp.linalg.norm(A, axis=(1, 2))
-    nuc = jnp.sum(jnp.linalg.svd(W, compute_uv=False))
+    if s is None:
+        s = jnp.linalg.svd(jnp.stack([W, jnp.tensordot(lam, A, 1)]), compute_uv=False)  # one batched call
+    nuc, spectral = jnp.sum(s[0]), s[1, 0]
     primal = jnp.max(safe_div(jnp.maximum(m - jnp.einsum("kab,ab->k", A, W), 0), jnp.abs(m) + An * jnp.linalg.norm(W)))
-    spectral = jnp.linalg.norm(jnp.tensordot(lam, A, 1), 2)
     dual = jnp.maximum(jnp.maximum(spectral - 1, 0), jnp.max(jnp.maximum(-lam, 0) * An))
     gap = safe_div(jnp.abs(nuc - m @ lam), nuc)
     res = jnp.maximum(primal, jnp.maximum(dual, gap))
@@ -182,19 +185,19 @@ def _solve(A, m, mask, tol, max_iter) -> SVMResult:
     lam, t = _barrier(A_hat, sc.m, jnp.where(frob.feasible & ~trivial, max_iter, 0))
     W_bar = 2 / t * _parts(A_hat, lam)[2]
     slack = jnp.einsum("kab,ab->k", A_hat, W_bar) - sc.m
-    s = jnp.linalg.svd(W_bar, compute_uv=False)
-    rank_mask = s > jnp.sqrt((K + min(d1, d2)) / t) * s[0]
-    W_pol, lam_pol, res_pol = refine(
-        lambda active: _polish(A_hat, sc.m, active, rank_mask, W_bar, lam),
+    # one batched SVD (see attnopt.maxmargin._lax) for the start's residual and the polish
+    U, s, Vt = jnp.linalg.svd(jnp.stack([W_bar, jnp.tensordot(lam, A_hat, 1)]), full_matrices=False)
+    res_bar, _, _ = _residual(A_hat, sc.m, W_bar, lam, s)
+    rank_mask = s[0] > jnp.sqrt((K + min(d1, d2)) / t) * s[0, 0]
+    W, lam, _ = refine(
+        lambda active: _polish(A_hat, sc.m, active, rank_mask, (U[0], s[0], Vt[0]), lam),
         lambda W, lam: _residual(A_hat, sc.m, W, lam)[0],
         lambda W: jnp.einsum("kab,ab->k", A_hat, W) - sc.m,
         lam > slack,
+        (W_bar, lam, res_bar),
         jnp.where(frob.feasible & ~trivial, 1e3 * jnp.finfo(A.dtype).eps, jnp.inf),  # else no rounds
     )
-    res_bar, _, _ = _residual(A_hat, sc.m, W_bar, lam)
-    take_pol = res_pol <= res_bar
-    W = jnp.where(trivial, 0, jnp.where(take_pol, W_pol, W_bar))
-    lam = jnp.where(trivial, 0, jnp.where(take_pol, lam_pol, lam))
+    W, lam = jnp.where(trivial, 0, W), jnp.where(trivial, 0, lam)
     res, primal, nuc = _residual(A_hat, sc.m, W, lam)
     feasible = frob.feasible & (primal <= tol)
     slack = jnp.einsum("kab,ab->k", A_hat, W) - sc.m

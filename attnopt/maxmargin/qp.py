@@ -19,7 +19,7 @@ m^T lambda = 1, rho = 0) when it is not. Steps, all with fixed shapes and lax lo
    solve the equality-constrained problem ``min ||w|| s.t. C_A w = m_A`` exactly
    (minimum-norm least squares) and correct lambda_A to ``C_A^T lambda_A = w``; a
    wrong guess of A is corrected in a few rounds (:func:`activeset.refine`);
-4. keep whichever of the polished and the interior-point pair has the smaller
+4. keep whichever of the interior-point and the polished pairs has the smallest
    KKT residual; feasible when it meets every constraint to the tolerance.
 
 The KKT residual is the largest of (||w|| > 0; each relative, invariant to scaling):
@@ -138,12 +138,13 @@ def _interior_point(C, m, max_iter):
     return lam, s
 
 
-def _pinv_solve(G, b, iters=3):
-    """G^+ b for a PSD G (K, K) and b in its range: iterated Tikhonov on one Cholesky factor of
-    G + delta I, delta = eps tr(G) (G may be singular)."""
+def _pinv(G, iters=3):
+    """b -> G^+ b for a PSD G (K, K) and b in its range: iterated Tikhonov on one Cholesky factor
+    of G + delta I, delta = eps tr(G) (G may be singular)."""
     delta = jnp.finfo(G.dtype).eps * jnp.trace(G) + jnp.finfo(G.dtype).tiny
     chol = jax.scipy.linalg.cho_factor(G + delta * jnp.eye(G.shape[0], dtype=G.dtype))
-    return jax.lax.fori_loop(0, iters, lambda _, x: x + jax.scipy.linalg.cho_solve(chol, b - G @ x), jnp.zeros_like(b))
+    step = lambda b, x: x + jax.scipy.linalg.cho_solve(chol, b - G @ x)
+    return lambda b: jax.lax.fori_loop(0, iters, lambda _, x: step(b, x), jnp.zeros_like(b))
 
 
 def _polish(C, m, active, lam):
@@ -153,9 +154,10 @@ def _polish(C, m, active, lam):
     """
     C_A = jnp.where(active[:, None], C, 0)
     G = C_A @ C_A.T
-    mu = _pinv_solve(G, jnp.where(active, m, 0))
+    solve = _pinv(G)
+    mu = solve(jnp.where(active, m, 0))
     lam = jnp.where(active, lam, 0)
-    return C_A.T @ mu, lam + _pinv_solve(G, G @ (mu - lam))
+    return C_A.T @ mu, lam + solve(G @ (mu - lam))
 
 
 def certificate_residual(C, y):
@@ -179,7 +181,7 @@ def _certificate(C, m, lam):
 
     def correct(lam):
         lam = lam / jnp.where(m @ lam > 0, m @ lam, 1)
-        u = _pinv_solve(lam[:, None] * H * lam[None, :], lam * (B.T @ (e - B @ lam)))
+        u = _pinv(lam[:, None] * H * lam[None, :])(lam * (B.T @ (e - B @ lam)))
         y = jnp.maximum(lam * (1 + u), 0)
         return y / jnp.where(m @ y > 0, m @ y, 1)
 
@@ -203,13 +205,15 @@ def _solve(C, m, mask, tol, max_iter) -> SVMResult:
         res = jnp.max(jnp.stack(residuals(sc.C, sc.m, w, lam)))
         return jnp.where(jnp.isfinite(res), res, jnp.inf)
 
-    w_pol, lam_pol, res_pol = refine(
-        lambda active: _polish(sc.C, sc.m, active, lam_ipm), worst, lambda w: sc.C @ w - sc.m, lam > s, 1e3 * eps
+    w_ipm = sc.C.T @ lam_ipm
+    w, lam_hm, _ = refine(
+        lambda active: _polish(sc.C, sc.m, active, lam_ipm),
+        worst,
+        lambda w: sc.C @ w - sc.m,
+        lam > s,
+        (w_ipm, lam_ipm, jnp.where(usable, worst(w_ipm, lam_ipm), jnp.inf)),
+        1e3 * eps,
     )
-    res_ipm = jnp.where(usable, worst(sc.C.T @ lam_ipm, lam_ipm), jnp.inf)
-    take_pol = res_pol <= res_ipm
-    w = jnp.where(take_pol, w_pol, sc.C.T @ lam_ipm)
-    lam_hm = jnp.where(take_pol, lam_pol, lam_ipm)
     stat, primal, dual, comp = residuals(sc.C, sc.m, w, lam_hm)
     feasible = primal <= tol
     slack = sc.C @ w - sc.m

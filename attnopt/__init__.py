@@ -1,5 +1,6 @@
 """attnopt: JAX toolkit for the optimization problems that model attention."""
 from attnopt import _runtime  # noqa: F401  (one OpenBLAS thread unless OPENBLAS_NUM_THREADS is set; before JAX loads LAPACK)
+from attnopt._runtime import disable_compilation_cache, enable_compilation_cache  # off unless called
 from attnopt import maxmargin, solvers
 from attnopt.operators import DenseOperator, DiagPlusLowRank, KroneckerOperator
 from attnopt.problems import (

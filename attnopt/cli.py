@@ -21,7 +21,15 @@ exit status:
   2    a bad command, config or output folder: one line naming the key, before any work
   130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM. The results folder then holds
        either its previous results or the new ones, never a mix.
+
+environment:
+  ATTNOPT_CACHE_DIR  folder of the compilation cache (default: $XDG_CACHE_HOME/attnopt/jax,
+                     else ~/.cache/attnopt/jax); "off" turns it off. Delete the folder to clear it.
 """
+
+
+#: The commands that compile programs, and so use the persistent compilation cache.
+_COMPILES = ("check", "run")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,8 +148,22 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _compilation_cache(command: str) -> int:
+    """Turn on the persistent compilation cache (``ATTNOPT_CACHE_DIR``, see :mod:`attnopt._runtime`); 2 if its
+    value is bad, else 0."""
+    from attnopt import _runtime
+
+    try:
+        _runtime.enable_compilation_cache()
+    except ValueError as err:
+        return _fail(command, err)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.command in _COMPILES and _compilation_cache(args.command):
+        return 2
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:

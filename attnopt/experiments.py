@@ -52,7 +52,6 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from attnopt import _validate, results, solvers
 from attnopt.problems import registry
@@ -491,11 +490,9 @@ def _check_feasible(config: Config) -> None:
 
 def _abstract_instance(config: Config, point: Mapping[str, Any]) -> registry.Instance:
     """The instance of one sweep point as shapes (``jax.eval_shape``); generator errors name the option."""
-    options = dict(point)
-    if "dtype" in registry.options(config.problem):
-        options["dtype"] = config.dtype
-    try:
-        return jax.eval_shape(lambda key: registry.make(config.problem, key, **options), jax.random.PRNGKey(0))
+    options = _generator_options(config, point)
+    try:  # the key is made inside: PRNGKey(0) outside would compile two programs
+        return jax.eval_shape(lambda seed: registry.make(config.problem, jax.random.PRNGKey(seed), **options), 0)
     except (ValueError, TypeError) as err:
         raise keyed("problem", err, options) from None
 
@@ -679,19 +676,38 @@ def solve_all(config: Config, log: Callable[[str], None] = print) -> list[Solver
     return [runs[j, i] for j in range(len(points)) for i in range(len(config.solvers))]
 
 
-def _instance(config: Config, point: Mapping[str, Any], seed: int) -> registry.Instance:
+def _generator_options(config: Config, point: Mapping[str, Any]) -> dict[str, Any]:
+    """The generator options of one sweep point, with the config's dtype where the generator takes one."""
     options = dict(point)
     if "dtype" in registry.options(config.problem):
         options["dtype"] = config.dtype
-    return registry.make(config.problem, jax.random.PRNGKey(seed), **options)
+    return options
+
+
+def _instance(config: Config, point: Mapping[str, Any], seed: int) -> registry.Instance:
+    # Op by op, as registry.make runs: a generator compiled as one program would round differently.
+    return registry.make(config.problem, jax.random.PRNGKey(seed), **_generator_options(config, point))
+
+
+@jax.jit
+def _stack(problems: list, x0s: list) -> tuple[Any, Any]:
+    """Instances' problems and starts stacked along a new leading axis: one compiled program for every
+    solver of a run (``jnp.stack`` leaf by leaf compiled one per leaf shape)."""
+    return stack(problems), jax.tree.map(lambda *xs: jnp.stack(xs), *x0s)
+
+
+@jax.jit
+@jax.vmap
+def _grad_norms(problem, params):
+    """The norm of each problem's gradient at its params (one program for every solver of a run)."""
+    return solvers.state.tree_norm(problem.grad(params))
 
 
 def _timed_solve(config: Config, solver, instances) -> tuple[Any, float, float]:
     """One vmapped solve of the stacked instances: compiled ahead of time (timed as ``warmup``), then run
     once (timed as ``wall``). Returns the result on the host, with ``state.grad`` replaced by the norm
     of the problem's gradient at the final params (a solver's state may hold an estimate), and both times."""
-    problems = stack([inst.problem for inst in instances])
-    x0s = jax.tree.map(lambda *xs: jnp.stack(xs), *[inst.x0 for inst in instances])
+    problems, x0s = _stack([inst.problem for inst in instances], [inst.x0 for inst in instances])
     options = _solve_options(config)
     batched = jax.jit(jax.vmap(lambda p, x: solvers.solve(p, x, solver, **options)))
     start = time.perf_counter()
@@ -700,15 +716,16 @@ def _timed_solve(config: Config, solver, instances) -> tuple[Any, float, float]:
     start = time.perf_counter()
     result = jax.block_until_ready(compiled(problems, x0s))
     wall = time.perf_counter() - start
-    norms = jax.jit(jax.vmap(lambda p, x: solvers.state.tree_norm(p.grad(x))))(problems, result.state.params)
+    norms = _grad_norms(problems, result.state.params)
     return jax.device_get(result._replace(state=result.state._replace(grad=norms))), wall, warmup
 
 
 def _solver_run(spec, point, config, instances, result, timing) -> SolverRun:
     """The :class:`SolverRun` of one sweep point from its slice of a batched result (on the host, see
-    :func:`_timed_solve`); ``timing`` is (wall, warmup, batch size) of that solve."""
+    :func:`_timed_solve`); ``timing`` is (wall, warmup, batch size) of that solve. The result's arithmetic
+    is NumPy's (on the host): JAX would compile a program for each operation and shape."""
     wall, warmup, batch = timing
-    flat = [ravel_pytree(jax.tree.map(lambda a: a[i], result.state.params))[0] for i in range(len(instances))]
+    flat = [_flat(jax.tree.map(lambda a: a[i], result.state.params)) for i in range(len(instances))]
     traces = [_trace(result.trace, i) for i in range(len(instances))]
     optimum = _optimum(instances)
     status = tuple(solvers.Status(int(s)).name for s in result.status)
@@ -723,7 +740,7 @@ def _solver_run(spec, point, config, instances, result, timing) -> SolverRun:
     solutions = [inst.solution for inst in instances]
     distance = None
     if all(x is not None for x in solutions):
-        distance = tuple(_float(_relative_distance(x, ravel_pytree(s)[0])) for x, s in zip(flat, solutions))
+        distance = tuple(_float(_relative_distance(x, _flat(s))) for x, s in zip(flat, solutions))
     saved = None if sum(x.size for x in flat) > MAX_SAVED_PARAMS else tuple([_float(v) for v in x] for x in flat)
     return SolverRun(
         label=spec.label, solver=spec.name, options=dict(spec.options), point=point, seeds=config.seeds,
@@ -750,6 +767,13 @@ def _optimum(instances) -> float | None:
     eps = float(jnp.finfo(instances[0].problem.dtype).eps)
     attained = all(float(inst.problem.loss(inst.solution)) - bound <= eps * max(1.0, abs(bound)) for inst in instances)
     return float(bound) if attained else None
+
+
+def _flat(tree) -> np.ndarray:
+    """``ravel_pytree(tree)[0]`` on the host: the leaves in order, raveled and concatenated by NumPy (no
+    compiled program)."""
+    leaves = [np.ravel(np.asarray(leaf)) for leaf in jax.tree.leaves(tree)]
+    return np.concatenate(leaves) if leaves else np.zeros(0)
 
 
 def _relative_distance(x, solution) -> float:

@@ -92,7 +92,7 @@ def _traceable(template, leaves) -> bool:
     """Whether the transformation can be built from traced hyperparameters (some optax functions
     branch in Python on a value, e.g. ``exponential_decay`` on ``decay_rate``)."""
     try:
-        jax.eval_shape(lambda h: _probe(build_transformation(_thaw(template, h))), [jnp.asarray(x) for x in leaves])
+        jax.eval_shape(lambda h: _probe(build_transformation(_thaw(template, h))), [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves])
         return True
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError):
         return False

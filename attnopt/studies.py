@@ -65,6 +65,8 @@ SETTING_RULES = {
     "C": (_positive, "a finite number > 0", True),
     "alphas": (_positive, "a finite number > 0", True),
     "losses": (_margin_loss, "a margin loss name (logistic, linear, exponential, squared)", True),
+    "ps": (lambda v: _validate.is_number(v) and v > 1, "a finite number > 1 (an l_p exponent)", True),
+    "budgets": (_count(MAX_STEPS), f"an int in [1, {MAX_STEPS}]", True),
     "dims": (_count(MAX_COUNT), f"an int in [1, {MAX_COUNT}]", True),
     "sizes": (lambda v: isinstance(v, list) and len(v) == 2 and all(_count(MAX_COUNT)(x) for x in v),
               "a pair [n, T] of ints >= 1", True),
@@ -102,7 +104,7 @@ def experiment(fn: Callable) -> Callable:
 
 
 #: The modules that register study experiments when imported.
-MODULES = ("attnopt.maxmargin.experiments", "attnopt.implicit_bias")
+MODULES = ("attnopt.maxmargin.experiments", "attnopt.maxmargin.mirror_experiments", "attnopt.implicit_bias")
 
 
 def _experiments() -> dict[str, Callable]:
@@ -175,8 +177,8 @@ def _check_memory(full: Mapping[str, Any]) -> None:
     """A rough bound on the recorded histories: 32 bytes x runs x recorded steps x (d^2 + n T) numbers
     per record; refuses, naming the largest factor's key, what exceeds the machine's memory."""
     factors = {
-        "settings.steps": -(-full.get("steps", 1) // full.get("record_every", 1)) + 1,
-        "settings.instances": full.get("instances", 1) * len(full.get("starts", [0])) * 2
+        "settings.steps": -(-max([full.get("steps", 1), *full.get("budgets", [])]) // full.get("record_every", 1)) + 1,
+        "settings.instances": full.get("instances", 1) * len(full.get("starts", [0])) * 2 * len(full.get("ps", [0]))
         * len(full.get("C", [0])) * len(full.get("losses", [0])),
         "settings.d": full.get("d", 3) ** 2 + full.get("n", 3) * full.get("T", 3),
     }

@@ -7,6 +7,9 @@ A selection alpha (n,) picks token alpha_i of each input. With keys k_it = W^T x
                                       (Frobenius norm: a QP; nuclear norm ||W||_*: see nuclear.py)
     v-SVM   (either problem):         min ||v||    s.t. Y_i x_{i,alpha_i}^T v >= 1
 
+The norm is Euclidean / Frobenius ("fro"), nuclear ("nuc", W only) or the entrywise l_p
+norm ||vec Θ||_p for a real p > 1 (lp.py).
+
 m_i = 1 by default; ``margins`` (n,) sets them (the relaxed ATT-SVM of joint (v, p)
 training uses 0 for inputs that are not support vectors of the v-SVM). Results are
 :class:`SVMResult` with multipliers and support of shape (n, T) (token t of input i;
@@ -19,12 +22,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnopt import _validate
+from attnopt.maxmargin.lp import check_p, solve_lp
 from attnopt.maxmargin.nuclear import solve_nuclear
 from attnopt.maxmargin.qp import solve_qp
 from attnopt.maxmargin.result import SVMResult
 from attnopt.problems.maxmargin import CrossAttention, PromptAttention
 
 NORMS = ("fro", "nuc")
+
+
+def check_norm(norm, matrix: bool):
+    """norm as "fro", "nuc" (only for a ``matrix`` variable) or a float p > 1; ValueError naming norm."""
+    if isinstance(norm, str):
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {list(NORMS)} or a real number p > 1, got {norm!r}")
+        if norm == "nuc" and not matrix:
+            raise ValueError("norm='nuc' needs a matrix variable (the W of a CrossAttention W-SVM), here a vector")
+        return norm
+    return check_p(norm, "norm")
 
 
 def check_problem(problem) -> None:
@@ -71,37 +86,41 @@ def attention_constraints(problem, alpha):
     return C, jnp.arange(X.shape[1]) != alpha[:, None]
 
 
-def attention_svm(problem, alpha, margins=None, norm: str = "fro") -> SVMResult:
+def _solve(C, m, mask, norm) -> SVMResult:
+    """``min ||Θ|| s.t. <C_k, Θ> >= m_k`` (C (K, *shape), m (K,), mask (K,)) in a checked ``norm``; solution of ``shape``."""
+    if norm == "nuc":
+        return solve_nuclear(C, m, mask)
+    flat = C.reshape(C.shape[0], -1)
+    res = solve_qp(flat, m, mask) if norm == "fro" else solve_lp(flat, m, norm, mask)
+    return res._replace(solution=res.solution.reshape(C.shape[1:]))
+
+
+def attention_svm(problem, alpha, margins=None, norm="fro") -> SVMResult:
     """The ATT-SVM on p (PromptAttention) or the W-SVM (CrossAttention) of the selection ``alpha`` (n,).
 
-    ``margins`` (n,) >= 0, default 1. ``norm``: "fro" (Euclidean / Frobenius, native QP) or
-    "nuc" (nuclear norm of W, CrossAttention only). Solution p (d,) or W (d, d); multipliers
-    and support (n, T). Jits and vmaps (over stacked problems and selections).
+    ``margins`` (n,) >= 0, default 1. ``norm``: "fro" (Euclidean / Frobenius, native QP),
+    "nuc" (nuclear norm of W, CrossAttention only) or a real p > 1 (entrywise ||vec Θ||_p,
+    lp.py; multipliers with sign(Θ)|Θ|^{p-1} = sum lambda_it C_it). Solution p (d,) or
+    W (d, d); multipliers and support (n, T). Jits and vmaps (over stacked problems and selections).
     """
     check_problem(problem)
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
-    if norm == "nuc" and isinstance(problem, PromptAttention):
-        raise ValueError("norm='nuc' needs a CrossAttention problem (the ATT-SVM variable p is a vector)")
+    norm = check_norm(norm, isinstance(problem, CrossAttention))
     alpha = check_alpha(problem, alpha)
     margins = check_margins(problem, margins)
     C, mask = attention_constraints(problem, alpha)
     n, T = mask.shape
     m = jnp.broadcast_to(margins[:, None], (n, T)).reshape(-1)
-    if norm == "nuc":
-        res = solve_nuclear(C.reshape((n * T,) + C.shape[2:]), m, mask.reshape(-1))
-    else:
-        res = solve_qp(C.reshape(n * T, -1), m, mask.reshape(-1))
-    return res._replace(
-        solution=res.solution.reshape(C.shape[2:]),
-        multipliers=res.multipliers.reshape(n, T),
-        support=res.support.reshape(n, T),
-    )
+    res = _solve(C.reshape((n * T,) + C.shape[2:]), m, mask.reshape(-1), norm)
+    return res._replace(multipliers=res.multipliers.reshape(n, T), support=res.support.reshape(n, T))
 
 
-def value_svm(problem, alpha) -> SVMResult:
-    """The hard-margin v-SVM ``min ||v|| s.t. Y_i x_{i,alpha_i}^T v >= 1`` (no bias); multipliers, support (n,)."""
+def value_svm(problem, alpha, norm="fro") -> SVMResult:
+    """The hard-margin v-SVM ``min ||v|| s.t. Y_i x_{i,alpha_i}^T v >= 1`` (no bias); multipliers, support (n,).
+
+    ``norm``: "fro" (Euclidean, native QP) or a real p > 1 (||v||_p, lp.py).
+    """
     check_problem(problem)
+    norm = check_norm(norm, False)
     alpha = check_alpha(problem, alpha)
     C = problem.Y[:, None] * selected(problem.X, alpha)
-    return solve_qp(C, jnp.ones_like(problem.Y))
+    return _solve(C, jnp.ones_like(problem.Y), None, norm)

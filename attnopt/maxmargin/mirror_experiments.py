@@ -10,6 +10,8 @@ the directional Bregman divergence ``D_p(svm, iterate)`` of the potential
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,9 +34,10 @@ def _md_runs(problems, starts, ps, *, learning_rate, steps, record_every, metric
     return jax.vmap(jax.vmap(run, in_axes=(None, 0, 0)), in_axes=(0, None, None))(solvers, problems, starts)
 
 
-def _divergence(svm, path, p):
-    """D_p(svm / ||svm||_p, W_k / ||W_k||_p) for each recorded W_k of ``path`` (k, ...) -> (k,)."""
-    return np.asarray(jax.vmap(lambda w: bregman(svm, w, p))(path))
+@functools.partial(jax.jit, static_argnums=2)
+def _divergences(svms, paths, p):
+    """D_p(svm_i / ||svm_i||_p, W_ik / ||W_ik||_p) for svms (I, ...) and recorded iterates paths (I, K, ...) -> (I, K)."""
+    return jax.vmap(jax.vmap(lambda s, w: bregman(s, w, p), (None, 0)))(svms, paths)
 
 
 def record_vW(problem, params):
@@ -79,7 +82,7 @@ def joint_md(
         alpha = selected_tokens(problem, (v_path[-1], W_path[-1]))
         w_svm, v_svm = attention_svm(problem, alpha, norm=p), value_svm(problem, alpha, norm=p)
         cos_W = cosine(W_path.reshape(last + 1, -1), np.asarray(w_svm.solution).ravel())
-        div_W = _divergence(w_svm.solution, W_path, p)
+        div_W = np.asarray(_divergences(w_svm.solution[None], W_path[None], p))[0]
         results["runs"].append({
             "p": p, "steps": budget, "selection": np.asarray(alpha).tolist(),
             "locally_optimal": bool(is_locally_optimal(problem, alpha, v=jnp.asarray(v_path[-1]), norm=p)),
@@ -144,13 +147,13 @@ def local_md(
                  "bregman": {}, "cos": {}}
         for j, q in enumerate(ps):
             ok = np.asarray(svms[q].feasible)
-            div = np.asarray(jax.vmap(lambda s, w: bregman(s, w, p))(svms[q].solution, W_path[:, -1]))[ok]
+            div = np.asarray(_divergences(svms[q].solution, W_path[:, -1:], p))[ok, 0]
             cos = cosine(W_path[:, -1].reshape(instances, -1), np.asarray(svms[q].solution).reshape(instances, -1))[ok]
             table[i, j] = np.median(div)
             entry["bregman"][f"{q:g}"] = _summary(div)
             entry["cos"][f"{q:g}"] = _summary(cos)
         results["runs"].append(entry)
-        own = np.stack([_divergence(s, w, p) for s, w in zip(np.asarray(svms[p].solution), W_path)])
+        own = np.asarray(_divergences(svms[p].solution, W_path, p))
         _band(axes[0, 0], recorded[1:], own[:, 1:], f"p = {p:g}")
     axes[0, 0].set(xscale="log", yscale="log", xlabel="step", ylabel="D_p(W_svm,p, W_k): median, 10-90%",
                    title=f"l_p-MD vs its own l_p W-SVM ({instances} instances)")

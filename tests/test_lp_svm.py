@@ -15,6 +15,7 @@ import pytest
 from attnopt import maxmargin as mm
 from attnopt.problems import stack
 from attnopt.problems.maxmargin import CrossAttention, PromptAttention
+from test_svm import attention_rows as rows
 
 cp = pytest.importorskip("cvxpy")
 
@@ -47,20 +48,6 @@ def prompt_batch(seed, count=8, n=3, T=4, d=5):
         for _ in range(count)
     ]
     return problems, rng.integers(0, T, (count, n))
-
-
-def rows(problem, alpha, margins=None):
-    """(C (K, ...), m (K,)) of the attention SVM written out with numpy loops (t != alpha_i only)."""
-    X, alpha = np.asarray(problem.X), np.asarray(alpha)
-    margins = np.ones(len(X)) if margins is None else np.asarray(margins)
-    C, m = [], []
-    for i in range(len(X)):
-        for t in range(X.shape[1]):
-            if t != alpha[i]:
-                diff = X[i, alpha[i]] - X[i, t]
-                C.append(np.asarray(problem.W).T @ diff if isinstance(problem, PromptAttention) else np.outer(diff, problem.Z[i]))
-                m.append(margins[i])
-    return np.array(C), np.array(m)
 
 
 def reference(C, m, p):

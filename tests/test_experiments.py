@@ -192,3 +192,41 @@ def test_attention_planted_flags_newton_s_spurious_stationary_point():
     (newton,) = experiments.solve_all(experiments.parse_config(raw, "attention_planted"), log=lambda line: None)
     assert newton.status == ("CONVERGED",) and newton.optimum == 0.0 and newton.loss[0] > 1e-6
     assert newton.global_minimum == (False,)
+
+
+# ---------------------------------------------------------------- max-margin studies (attnopt.maxmargin.experiments)
+
+
+def test_svm_rank_counts_infeasible_instances_once_for_both_norms():
+    """Near the feasibility boundary (small d) the SVMs are badly scaled; both norms must agree on
+    feasibility, solve to KKT 1e-10, and the figure must show the infeasible counts."""
+    from attnopt.maxmargin.experiments import svm_rank
+
+    results, figure = svm_rank(sizes=[[5, 5]], dims=[2, 3, 4, 8], instances=5)
+    (entry,) = results["sizes"]
+    assert entry["feasibility_disagreements"] == 0 and 0 < sum(entry["infeasible"]) < 4 * 5
+    assert max(entry["fro_max_kkt_residual"], entry["nuc_max_kkt_residual"]) <= 1e-10
+    ranges = zip(entry["d"], entry["infeasible"], entry["fro_rank_range"], entry["nuc_rank_range"])
+    for d, infeasible, fro, nuc in ranges:
+        assert (fro is None) == (nuc is None) == (infeasible == 5)
+        assert fro is None or 1 <= nuc[0] <= fro[1] <= min(5, d)
+    rank_fro, rank_nuc, counts = figure.axes
+    assert list(counts.lines[0].get_ydata()) == entry["infeasible"]
+    assert "10^{-6}" in rank_nuc.get_ylabel()
+
+
+def test_local_converge_solves_each_distinct_svm_once_and_reports_both_norms():
+    from attnopt.maxmargin.experiments import local_converge
+
+    results, figure = local_converge(instances=3, steps=200, report_steps=[100, 200])
+    assert 3 <= results["distinct_svms"] <= 6
+    for name in ("W", "KQ"):
+        run = results["parametrisations"][name]
+        assert run["feasible_fro"] == run["feasible_nuc"] == 3
+        assert max(run["max_kkt_residual_fro"], run["max_kkt_residual_nuc"]) <= 1e-10
+        for norm in ("fro", "nuc"):
+            summary = run[f"corr_{norm}"]["200"]
+            assert -1 <= summary["p10"] <= summary["median"] <= summary["p90"] <= 1
+    corr_W, corr_KQ, saturation = figure.axes
+    assert corr_W.get_xscale() == saturation.get_xscale() == "log"
+    assert [t.get_text() for t in corr_W.get_legend().get_texts()][:2] == ["Frobenius W-SVM", "nuclear-norm W-SVM"]

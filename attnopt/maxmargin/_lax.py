@@ -6,7 +6,12 @@ the same thread pool and block a worker while they wait. Two independent batched
 factorizations can then hold every worker of a small pool and deadlock (seen on 2 cores).
 The solvers therefore keep their factorizations in one chain of data dependencies:
 several factorizations of one shape are stacked into one batched call, and each stage
-consumes the previous stage's result.
+consumes the previous stage's result. The dependency must be on a value the next stage
+computes with: XLA:CPU orders its thunks by the buffers they read, and a
+``jax.lax.optimization_barrier`` (whose outputs alias its inputs) did not keep a solve from
+starting beside the QP's Farkas certificate (seen on 2 cores). Separate solves (the QP,
+then the nuclear-norm SVM of the same constraints) are separate compiled calls, each
+waited for.
 """
 from __future__ import annotations
 

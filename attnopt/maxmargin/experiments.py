@@ -10,6 +10,8 @@ the function). Settings are the keyword arguments; ``seed`` and
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -293,16 +295,20 @@ def diff_loss(
 # --------------------------------------------------------------------------- 2308.16898, Transformers as SVMs
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _cross_attention_instances(keys, n, T, d, dtype, param):
+    """One registry CrossAttention instance per key (stacked); the data do not depend on ``param``."""
+    from attnopt.problems.registry import make
+
+    return jax.vmap(lambda k: make("cross_attention", k, n=n, T=T, d=d, param=param, dtype=dtype).problem)(keys)
+
+
 def local_converge_data(seed: int, instances: int, n: int, T: int, d: int, dtype):
     """Stacked CrossAttention instances (tokens, queries and v uniform on the sphere, random labels)
     with param "W", the same data with param "KQ", and the shared starts: K0, Q0 uniform in
     [-1/sqrt(d), 1/sqrt(d)] and W0 = K0 Q0^T."""
-    from attnopt.problems.maxmargin import CrossAttention
-    from attnopt.problems.registry import make
-
     keys = jax.random.split(jax.random.key(seed), instances)
-    W_problems = jax.jit(jax.vmap(lambda k: make("cross_attention", k, n=n, T=T, d=d, dtype=dtype).problem))(keys)
-    KQ_problems = jax.jit(jax.vmap(lambda p: CrossAttention(p.X, p.Y, p.Z, p.v, param="KQ")))(W_problems)
+    W_problems, KQ_problems = (_cross_attention_instances(keys, n, T, d, dtype, param) for param in ("W", "KQ"))
     bound = 1 / np.sqrt(d)
     K0, Q0 = (jax.random.uniform(k, (instances, d, d), dtype, -bound, bound)
               for k in jax.random.split(jax.random.fold_in(jax.random.key(seed), 1)))
@@ -310,33 +316,75 @@ def local_converge_data(seed: int, instances: int, n: int, T: int, d: int, dtype
 
 
 def record_key_query(problem, params):
-    """Metrics: W (= K Q^T for the factorised parametrisation) and the mean top softmax probability."""
-    return {"W": problem.key_query(params), "top_probability": jnp.mean(jnp.max(problem.attention(params), axis=-1))}
+    """Metrics: W (= K Q^T for the factorised parametrisation), the mean over inputs of the top softmax
+    probability and of log10(1 - top probability) = log10 sum_{t != top} a_t, from the scores (no
+    cancellation or underflow)."""
+    s = problem.scores(params)
+    top = jnp.max(s, axis=-1, keepdims=True)
+    rest = jax.nn.logsumexp(jnp.where(s == top, -jnp.inf, s), axis=-1) - jax.nn.logsumexp(s, axis=-1)
+    return {"W": problem.key_query(params), "top_probability": jnp.mean(jnp.max(problem.attention(params), axis=-1)),
+            "log10_rest": jnp.mean(rest) / np.log(10)}
+
+
+#: Batched W-SVM solves and the local-optimality test of selections alpha (batch, n), each one compiled call.
+_BATCHED = {
+    "fro": jax.jit(jax.vmap(lambda problem, alpha: attention_svm(problem, alpha, norm="fro"))),
+    "nuc": jax.jit(jax.vmap(lambda problem, alpha: attention_svm(problem, alpha, norm="nuc"))),
+    "local": jax.jit(jax.vmap(is_locally_optimal)),
+}
+
+
+def _w_svms(problems, alpha, steps=("fro", "nuc")):
+    """The results of the ``steps`` of :data:`_BATCHED` for the selections alpha (batch, n), run one after
+    the other (two solvers' factorizations must not run concurrently, see attnopt.maxmargin._lax)."""
+    return tuple(jax.block_until_ready(_BATCHED[step](problems, alpha)) for step in steps)
+
+
+def _distinct_pairs(alphas):
+    """alphas (runs, instances, n) -> (instance (u,), selection (u, n), where (runs, instances)): each
+    distinct (instance, selection) pair once, and the row of each run's pair."""
+    runs, instances, n = alphas.shape
+    index = np.broadcast_to(np.arange(instances)[None, :, None], (runs, instances, 1))
+    pairs, where = np.unique(np.concatenate([index, alphas], axis=-1).reshape(-1, n + 1), axis=0, return_inverse=True)
+    return pairs[:, 0], pairs[:, 1:], where.reshape(runs, instances)
+
+
+def _percentiles(values, q):
+    """Percentiles q over axis 0 ignoring NaN (np.nanpercentile, slow, only when there is one)."""
+    return (np.nanpercentile if np.isnan(values).any() else np.percentile)(values, q, axis=0)
 
 
 def _band(ax, steps, values, label, **style):
     """Median over instances (axis 0) with the 10-90% band."""
-    lo, mid, hi = np.nanpercentile(values, [10, 50, 90], axis=0)
+    lo, mid, hi = _percentiles(values, [10, 50, 90])
     line = ax.plot(steps, mid, label=label, **style)
-    ax.fill_between(steps, lo, hi, color=line[0].get_color(), alpha=0.2)
+    ax.fill_between(steps, lo, hi, color=line[0].get_color(), alpha=0.2, lw=0)
+
+
+def _summary(values):
+    """{"median", "p10", "p90"} over instances of values (instances,)."""
+    p10, median, p90 = _percentiles(values, [10, 50, 90])
+    return {"median": float(median), "p10": float(p10), "p90": float(p90)}
 
 
 @experiment
 def local_converge(
     *, instances: int = 100, n: int = 6, T: int = 8, d: int = 10, learning_rate: float = 0.1, steps: int = 2000,
-    report_steps: list = (100, 200, 500, 1000, 2000), record_every: int = 100, eps: float = 0.0, seed: int = 0,
+    report_steps: list = (100, 200, 500, 1000, 2000), record_every: int = 20, eps: float = 0.0, seed: int = 0,
     dtype: str = "float64",
 ):
     """Cross attention trained by normalized GD on W and on (K, Q) (W = K Q^T, per-factor normalisation),
     logistic loss, all instances in one vmapped solve per parametrisation.
 
-    The selection is each run's final softmax argmax; its Frobenius and nuclear-norm W-SVMs are
-    solved in one batched call each. Reports corr of the iterate with both SVMs at
-    ``report_steps`` (median and 10-90% over instances), the mean top softmax probability, the
-    numerical ranks, and how many selections are feasible / locally optimal. Published: W
-    iterates reach corr about 0.99 with the Frobenius SVM by step 1000; K, Q iterates align
-    with the nuclear-norm SVM instead. ``eps`` is the normalisation's ``||g|| + eps`` (the public
-    code used 2.2e-16; here the gradient is computed without cancellation, so 0 works).
+    The selection is each run's final softmax argmax; the Frobenius and nuclear-norm W-SVMs of the
+    distinct (instance, selection) pairs of both parametrisations are solved in one batched call
+    each. Reports corr of the iterate with both SVMs at ``report_steps`` (median and 10-90% over
+    instances), the mean top softmax probability, the numerical ranks, how many selections are
+    feasible / locally optimal, and how many runs stopped moving (once the softmax saturates so far
+    that the squared gradient norm underflows, NGD's step is 0) and from which step. Published: W
+    iterates reach corr about 0.99 with the Frobenius SVM by step 1000; K, Q iterates align with
+    the nuclear-norm SVM instead. ``eps`` is the normalisation's ``||g|| + eps`` (the public code
+    used 2.2e-16; here the gradient is computed without cancellation, so 0 works).
     """
     from attnopt.maxmargin.tokens import numerical_rank
 
@@ -347,44 +395,107 @@ def local_converge(
         "KQ": _ngd_runs(KQ_problems, (K0, Q0), learning_rate=learning_rate, steps=steps, eps=eps,
                         metrics=record_key_query, record_every=record_every),
     }
+    alphas = np.stack([np.asarray(jax.vmap(selected_tokens)(p, run.state.params))
+                       for p, run in zip((W_problems, KQ_problems), runs.values())])
+    index, selection, where = _distinct_pairs(alphas)
+    svms = _w_svms(jax.tree.map(lambda x: x[index], W_problems), jnp.asarray(selection), ("fro", "nuc", "local"))
     recorded = np.asarray(runs["W"].trace.step[0])
     report = [s for s in report_steps if s in recorded]
+    results = {"normalisation": f"g / (||g|| + {eps:g}) per parameter leaf", "distinct_svms": len(index),
+               "parametrisations": {}}
     fig, axes = _figure(1, 3)
-    results = {"normalisation": f"g / (||g|| + {eps:g}) per parameter leaf", "parametrisations": {}}
     for col, (name, run) in enumerate(runs.items()):
-        problems = W_problems if name == "W" else KQ_problems
-        alpha = jax.vmap(selected_tokens)(problems, run.state.params)
-        fro = jax.vmap(lambda p, a: attention_svm(p, a, norm="fro"))(W_problems, alpha)
-        nuc = jax.vmap(lambda p, a: attention_svm(p, a, norm="nuc"))(W_problems, alpha)
-        local = jax.vmap(is_locally_optimal)(W_problems, alpha)
+        fro, nuc, local = jax.tree.map(lambda x: np.asarray(x)[where[col]], svms)
         W_path = np.asarray(run.trace.metrics["W"]).reshape(instances, len(recorded), -1)
-        corr = {norm: cosine(W_path, np.asarray(svm.solution).reshape(instances, 1, -1)) for norm, svm in
-                (("fro", fro), ("nuc", nuc))}
-        top = np.asarray(run.trace.metrics["top_probability"])
-        index = [int(np.flatnonzero(recorded == s)[0]) for s in report]
+        corr = {norm: cosine(W_path, svm.solution.reshape(instances, 1, -1))
+                for norm, svm in (("fro", fro), ("nuc", nuc))}
+        stopped = _stopped_steps(run, recorded)
+        stop = float(np.median(stopped[np.isfinite(stopped)])) if np.isfinite(stopped).any() else None
         results["parametrisations"][name] = {
             "feasible_fro": int(np.sum(fro.feasible)), "feasible_nuc": int(np.sum(nuc.feasible)),
             "locally_optimal": int(np.sum(local)),
-            "max_kkt_residual": float(np.nanmax(np.where(fro.feasible, fro.kkt_residual, np.nan))),
+            **{f"max_kkt_residual_{norm}": float(np.nanmax(np.where(svm.feasible, svm.kkt_residual, np.nan)))
+               for norm, svm in (("fro", fro), ("nuc", nuc))},
             "final_rank_median": float(np.median(numerical_rank(run.trace.metrics["W"][:, -1], 1e-3))),
             "svm_rank_fro_median": float(np.median(numerical_rank(fro.solution, 1e-6))),
             "svm_rank_nuc_median": float(np.median(numerical_rank(nuc.solution, 1e-6))),
-            **{f"corr_{norm}": {str(s): {"median": float(np.nanmedian(c[:, i])), "p10": float(np.nanpercentile(c[:, i], 10)),
-                                         "p90": float(np.nanpercentile(c[:, i], 90))} for s, i in zip(report, index)}
-               for norm, c in corr.items()},
-            "top_probability_mean": {str(s): float(np.mean(top[:, i])) for s, i in zip(report, index)},
+            "ngd_stopped": int(np.sum(np.isfinite(stopped))),
+            "ngd_stopped_step_median": stop,
+            **_at_steps(recorded, report, corr, np.asarray(run.trace.metrics["top_probability"])),
         }
-        for norm, style in (("fro", "-"), ("nuc", "--")):
-            _band(axes[0, col], recorded[1:], corr[norm][:, 1:], f"corr with the {norm} W-SVM", linestyle=style)
-        axes[0, col].set(xscale="log", xlabel="step", ylabel="corr(W_k, W_svm)", ylim=(0, 1.02),
-                         title=f"{'W' if name == 'W' else 'K Q^T'}-parametrised ({instances} instances)")
-        axes[0, col].legend(fontsize="small", loc="lower right")
-        _band(axes[0, 2], recorded[1:], top[:, 1:], name)
-    axes[0, 2].set(xscale="log", xlabel="step", ylabel="mean top softmax probability", title="saturation")
-    axes[0, 2].legend(fontsize="small")
+        _draw_run(axes[0, col], axes[0, 2], recorded, corr, np.asarray(run.trace.metrics["log10_rest"]),
+                  stop if np.mean(np.isfinite(stopped)) >= 0.5 else None, _TITLES[name])
+    axes[0, 2].set(xscale="log", xlabel="NGD step", ylabel=r"$\log_{10}(1 - p_{\mathrm{top}})$, mean over inputs",
+                   title=r"softmax saturation ($p_{\mathrm{top}}$: top probability)")
     for ax in axes[0]:
+        ax.legend(title=f"median, 10-90% of {instances} instances", fontsize="small", title_fontsize="small",
+                  loc="lower right" if ax is not axes[0, 2] else "lower left")
         ax.grid(True, alpha=0.3)
     return results, fig
+
+
+_TITLES = {"W": "W trained", "KQ": r"$(K, Q)$ trained, $W = KQ^\top$"}
+
+
+def _stopped_steps(run, recorded):
+    """Per instance, the first recorded step from which NGD no longer moves (a zero step: the squared
+    gradient norm underflowed, see the ``log10_rest`` metric), NaN where it kept moving."""
+    still = np.asarray(run.trace.step_size)[:, 1:] == 0
+    return np.where(still.any(axis=1), recorded[1:][still.argmax(axis=1)], np.nan)
+
+
+def _at_steps(recorded, report, corr, top):
+    """The reported numbers at ``report`` steps: corr summaries per norm, mean top softmax probability."""
+    columns = [int(np.flatnonzero(recorded == s)[0]) for s in report]
+    return {**{f"corr_{norm}": {str(s): _summary(c[:, i]) for s, i in zip(report, columns)}
+               for norm, c in corr.items()},
+            "top_probability_mean": {str(s): float(np.mean(top[:, i])) for s, i in zip(report, columns)}}
+
+
+def _draw_run(ax, saturation_ax, recorded, corr, log10_rest, stopped, title):
+    """One parametrisation: corr with both SVMs on ``ax``, its saturation curve on ``saturation_ax``, and
+    ``stopped`` (the median step from which NGD stopped moving, None to leave out) dotted on both."""
+    for norm, label, style in (("fro", "Frobenius", "-"), ("nuc", "nuclear-norm", "--")):
+        _band(ax, recorded[1:], corr[norm][:, 1:], f"{label} W-SVM", linestyle=style)
+    ax.set(xscale="log", xlabel="NGD step", ylabel=r"corr$(W_k, W^{\mathrm{svm}})$", ylim=(0, 1.02), title=title)
+    _band(saturation_ax, recorded[1:], log10_rest[:, 1:], title)
+    if stopped is not None:
+        for a in (ax, saturation_ax):
+            a.axvline(stopped, color="0.4", ls=":", lw=1, label=r"NGD stops: $\|\nabla L\|^2$ underflows")
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _padded_instances(keys, dims, n, T, width, dtype):
+    """One registry CrossAttention instance per key with d = dims[i] features, zero-padded to ``width``: the
+    registry's instance of width ``width`` with every vector cut to its first d coordinates and
+    renormalised (again uniform on the sphere of R^d). Padding leaves each W-SVM's solution embedded,
+    its rank unchanged, and compiles once for all d."""
+    from attnopt.problems.maxmargin import CrossAttention
+    from attnopt.problems.registry import make
+
+    def padded(key, d):
+        p = make("cross_attention", key, n=n, T=T, d=width, dtype=dtype).problem
+        cut = lambda x: jnp.where(jnp.arange(width) < d, x, 0)
+        sphere = lambda x: cut(x) / jnp.linalg.norm(cut(x), axis=-1, keepdims=True)
+        return CrossAttention(sphere(p.X), p.Y, sphere(p.Z), sphere(p.v))
+
+    return jax.vmap(padded)(keys, dims)
+
+
+def _rank_panel(ax, dims, ranks, label, shift):
+    """Mean rank against d over the feasible instances (NaN entries skipped), bars from the smallest to the
+    largest; x shifted by ``shift`` so that the sizes' bars do not overlap. Returns the means."""
+    seen = [r[np.isfinite(r)] for r in ranks]
+    mean, lo, hi = (np.array([f(r) if r.size else np.nan for r in seen]) for f in (np.mean, np.min, np.max))
+    ax.errorbar(np.asarray(dims) + shift, mean, yerr=[mean - lo, hi - mean], fmt="o-", ms=3, lw=1, capsize=2,
+                label=label)
+    return mean
+
+
+def _latex_number(x):
+    """x in LaTeX: 10^{k} for a power of ten, else %g."""
+    k = np.log10(x)
+    return rf"10^{{{round(k)}}}" if np.isclose(k, round(k)) else f"{x:g}"
 
 
 @experiment
@@ -397,45 +508,45 @@ def svm_rank(
 
     Infeasible instances are counted separately (the published figure counted them as rank 1),
     and the rank is decided relative to the largest singular value of an accurate solution
-    (``rtol``). Data as in local_converge; tokens are padded with zero features to the largest
-    d, which leaves each SVM's solution (and rank) unchanged and compiles once per size.
+    (``rtol``). Data as in local_converge (see :func:`_padded_instances`); all d of a size are
+    solved in one batched call per norm.
     """
+    from matplotlib.ticker import MaxNLocator
+
     from attnopt.maxmargin.tokens import numerical_rank
-    from attnopt.problems.maxmargin import CrossAttention
-    from attnopt.problems.registry import make
 
     dims = [int(d) for d in dims]
     width = max(dims)
-    fig, axes = _figure(1, 2)
+    fig, axes = _figure(1, 3)
     results = []
     for n, T in sizes:
-        rows = []
-        for d in dims:
-            keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1000 * n + d), instances)
-            pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - d)])
-
-            def padded(key):
-                p = make("cross_attention", key, n=n, T=T, d=d, dtype=dtype).problem
-                return CrossAttention(pad(p.X), p.Y, pad(p.Z), pad(p.v))
-
-            rows.append(jax.jit(jax.vmap(padded))(keys))
-        problems = jax.tree.map(lambda *xs: jnp.concatenate(xs), *rows)
-        alpha = jax.vmap(optimal_tokens)(problems)
-        entry = {"n": n, "T": T, "d": dims}
-        for norm in ("fro", "nuc"):
-            svm = jax.vmap(lambda p, a: attention_svm(p, a, norm=norm))(problems, alpha)
+        keys = jnp.concatenate([jax.random.split(jax.random.fold_in(jax.random.key(seed), 1000 * n + d), instances)
+                                for d in dims])
+        problems = _padded_instances(keys, jnp.repeat(jnp.asarray(dims), instances), n, T, width, dtype)
+        svms = dict(zip(("fro", "nuc"), _w_svms(problems, jax.vmap(optimal_tokens)(problems))))
+        feasible = {norm: np.asarray(svm.feasible).reshape(len(dims), instances) for norm, svm in svms.items()}
+        entry = {"n": n, "T": T, "d": dims, "infeasible": [int(np.sum(~f)) for f in feasible["fro"]],
+                 "feasibility_disagreements": int(np.sum(feasible["fro"] != feasible["nuc"]))}
+        for col, (norm, svm) in enumerate(svms.items()):
             ranks = np.asarray(numerical_rank(svm.solution, rtol)).reshape(len(dims), instances).astype(float)
-            feasible = np.asarray(svm.feasible).reshape(len(dims), instances)
-            ranks[~feasible] = np.nan
-            entry[f"{norm}_rank_mean"] = [float(np.nanmean(r)) if np.any(f) else None for r, f in zip(ranks, feasible)]
-            entry[f"{norm}_infeasible"] = [int(np.sum(~f)) for f in feasible]
+            ranks[~feasible[norm]] = np.nan
+            mean = _rank_panel(axes[0, col], dims, ranks, f"n = {n}, T = {T}", 0.15 * (len(results) - 1))
+            entry[f"{norm}_rank_mean"] = [None if np.isnan(r) else float(r) for r in mean]
+            entry[f"{norm}_rank_range"] = [None if not np.any(f) else [int(np.nanmin(r)), int(np.nanmax(r))]
+                                           for r, f in zip(ranks, feasible[norm])]
             entry[f"{norm}_max_kkt_residual"] = float(np.nanmax(np.where(svm.feasible, svm.kkt_residual, np.nan)))
-            axes[0, 0 if norm == "fro" else 1].plot(dims, entry[f"{norm}_rank_mean"], "o-", ms=3, label=f"n = {n}, T = {T}")
+        axes[0, 2].plot(dims, entry["infeasible"], "o-", ms=3, label=f"n = {n}, T = {T}")
         results.append(entry)
     for col, norm in enumerate(("Frobenius", "nuclear")):
         axes[0, col].plot(dims, dims, "k:", lw=1, label="rank = d")
-        axes[0, col].set(xlabel="d", ylabel=f"mean rank (feasible instances, rtol {rtol:g})",
-                         title=f"{norm}-norm W-SVM of the optimal tokens")
-        axes[0, col].legend(fontsize="small")
-        axes[0, col].grid(True, alpha=0.3)
+        axes[0, col].set(xlabel="d", title=f"{norm}-norm W-SVM of the optimal tokens",
+                         ylabel=rf"rank of $W^{{\mathrm{{svm}}}}$ ($\sigma_i > {_latex_number(rtol)}\,\sigma_1$)")
+        axes[0, col].legend(title=f"mean, min-max over the feasible\ninstances ({instances} per n, T, d)",
+                            fontsize="small", title_fontsize="small", loc="upper left")
+    axes[0, 2].set(xlabel="d", ylabel=f"infeasible instances (of {instances})", ylim=(-0.5, instances + 0.5),
+                   title="no W separates the optimal tokens")
+    axes[0, 2].legend(fontsize="small")
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
     return {"sizes": results, "instances": instances, "rtol": rtol}, fig

@@ -26,3 +26,5 @@ bench: venv
 	$(PY) benchmarks/kronecker.py
 	$(PY) benchmarks/sweeps.py
 	$(PY) benchmarks/peers.py
+	$(PY) benchmarks/maxmargin.py
+	$(PY) benchmarks/local_md.py
